@@ -1,0 +1,59 @@
+"""Errors raised while making or checking a bundle.
+
+Callers catch by kind; every error says whether trying again can help (``retryable``)::
+
+    ExportError                  base of everything this package raises
+    ├── ModelError               MODEL missing, unreadable, or not a model Ultralytics can build
+    │   └── UnsupportedTaskError a task other than detect
+    ├── ExportArgumentError      a bad option: image size not a multiple of the stride, unknown variant, ...
+    ├── OutputDirError           the output directory exists and is not empty (and --force was not given)
+    ├── BundleError              a bundle that cannot be trusted or read
+    │   ├── BundleIntegrityError a listed file is missing, or its size or sha256 differs from the manifest
+    │   ├── UnsafePathError      a manifest path that leaves the bundle directory
+    │   └── ManifestError        manifest.json missing or not valid
+    └── DeviceError              the asked-for device is not usable here (e.g. --device cuda without CUDA)
+"""
+
+from __future__ import annotations
+
+
+class ExportError(Exception):
+    """Base of the exporter's errors. ``retryable`` tells whether the same call may succeed later."""
+
+    retryable: bool = False
+
+
+class ModelError(ExportError):
+    """The model file or config cannot be loaded."""
+
+
+class UnsupportedTaskError(ModelError):
+    """The model is not a detection model."""
+
+
+class ExportArgumentError(ExportError):
+    """An option has a value that cannot work."""
+
+
+class OutputDirError(ExportError):
+    """The output directory is not empty."""
+
+
+class BundleError(ExportError):
+    """A bundle is not readable or not trustworthy."""
+
+
+class BundleIntegrityError(BundleError):
+    """A file listed in the manifest is missing or differs from its recorded digest."""
+
+
+class UnsafePathError(BundleError):
+    """A path in the manifest points outside the bundle directory."""
+
+
+class ManifestError(BundleError):
+    """``manifest.json`` is missing or does not validate."""
+
+
+class DeviceError(ExportError):
+    """The requested device cannot be used on this machine."""

@@ -1,0 +1,292 @@
+"""``yolo-ota export``: one Ultralytics detector in, one gated bundle out.
+
+Steps: check the arguments and the output folder, load the model, build the golden data from the sample images
+shipped with Ultralytics (plus any the user gives, plus seeded noise), export each variant this machine can
+make, gate it, then write the manifest with every file's digest. The bundle is assembled in a hidden sibling
+folder and moved into place at the end, so a crash never leaves a half-written bundle under the asked name.
+A bundle whose gates fail is still written, with ``gates_passed: false``.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+
+from exporters import yolo
+from exporters.bundle import (
+    GOLDEN_NAME,
+    VARIANT_NAMES,
+    GoldenInfo,
+    Manifest,
+    Source,
+    TensorSpec,
+    Variant,
+    list_files,
+    variant_path,
+    write_manifest,
+)
+from exporters.errors import ExportArgumentError, OutputDirError
+from exporters.fingerprint import Fingerprint, collect, cuda_usable
+from exporters.gates import GateThresholds, VariantGates, first_tensor, run_batched
+from exporters.golden import Golden, noise_inputs, stack_inputs
+from exporters.local_gate import gate_variant
+from exporters.postprocess import decode
+from exporters.preprocess import letterbox, read_image, to_input_array
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class ExportRequest:
+    """What to export and how; the CLI's options one to one."""
+
+    model: str
+    out_dir: Path
+    imgsz: tuple[int, int] = (640, 640)
+    variants: tuple[str, ...] = VARIANT_NAMES
+    batch: int = 1
+    latency_budget_ms: float | None = None
+    name: str | None = None
+    force: bool = False
+    golden_images: tuple[Path, ...] = ()
+    noise_inputs: int = 2
+    seed: int = 0
+    thresholds: GateThresholds = field(default_factory=GateThresholds)
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """The written bundle and what it took."""
+
+    bundle_dir: Path
+    manifest: Manifest
+    export_s: dict[str, float]
+    gate_s: dict[str, float]
+
+    @property
+    def passed(self) -> bool:
+        return self.manifest.gates_passed
+
+
+def _check_request(request: ExportRequest) -> None:
+    unknown = [v for v in request.variants if v not in VARIANT_NAMES]
+    if unknown:
+        raise ExportArgumentError(f"unknown variant {', '.join(unknown)}; known: {', '.join(VARIANT_NAMES)}")
+    if not request.variants:
+        raise ExportArgumentError("no variant asked for")
+    if request.batch < 1:
+        raise ExportArgumentError(f"--batch must be at least 1, got {request.batch}")
+    if request.latency_budget_ms is not None and request.latency_budget_ms <= 0:
+        raise ExportArgumentError(f"--latency-budget-ms must be positive, got {request.latency_budget_ms}")
+    for image in request.golden_images:
+        if not image.is_file():
+            raise ExportArgumentError(f"golden image {image} does not exist")
+    out = request.out_dir
+    if out.exists() and not out.is_dir():
+        raise OutputDirError(f"output {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not request.force:
+        raise OutputDirError(f"output directory {out} is not empty (use --force to replace it)")
+
+
+def plan_variants(asked: Sequence[str], *, cuda: bool) -> tuple[list[str], dict[str, str]]:
+    """Split the asked variants into those this machine can make and those skipped, with the reason."""
+    made, skipped = [], {}
+    for name in asked:
+        if name.startswith("cuda") and not cuda:
+            skipped[name] = "no working CUDA device on the exporting machine"
+        else:
+            made.append(name)
+    return made, skipped
+
+
+def build_golden(
+    detector: yolo.LoadedDetector,
+    request: ExportRequest,
+    thresholds: GateThresholds,
+) -> Golden:
+    """Letterbox the sample and user images, add seeded noise, and record the eager fp32 model's answers."""
+    images = [*yolo.sample_images(), *request.golden_images]
+    boxed = [letterbox(read_image(path), request.imgsz)[0] for path in images]
+    names = [path.name for path in images] + [f"noise-{k}" for k in range(request.noise_inputs)]
+    inputs = stack_inputs([to_input_array(boxed), noise_inputs(request.noise_inputs, request.imgsz, request.seed)])
+    eager = yolo.eager_model(detector)
+    outputs = run_batched(lambda x: first_tensor(eager(x)), inputs, device="cpu", dtype=torch.float32, batch=4)
+    detections = decode(outputs, conf=thresholds.conf, iou=thresholds.nms_iou, max_det=thresholds.max_det)
+    return Golden(inputs=inputs, input_names=tuple(names), outputs=outputs, detections=tuple(detections))
+
+
+def _variant_record(name: str, batch: int) -> Variant:
+    device, precision = name.split("-", 1)
+    return Variant(
+        name=name,
+        path=variant_path(name),
+        device="cuda" if device == "cuda" else "cpu",
+        dtype="float16" if precision == "fp16" else "float32",
+        batch=batch,
+    )
+
+
+def _tensor_specs(detector: yolo.LoadedDetector, request: ExportRequest, anchors: int) -> tuple[TensorSpec, ...]:
+    h, w = request.imgsz
+    nc = detector.num_classes
+    spec_in = TensorSpec(
+        name="images",
+        shape=[request.batch, 3, h, w],
+        dtype="float32 (float16 for cuda-fp16)",
+        layout="BCHW",
+        description="RGB, letterboxed (aspect kept, centred, pad value 114), scaled to [0, 1]",
+    )
+    spec_out = TensorSpec(
+        name="output0",
+        shape=[request.batch, 4 + nc, anchors],
+        dtype="float32 (float16 for cuda-fp16)",
+        layout="B,4+nc,A",
+        description="per anchor: cx, cy, w, h in input pixels, then one sigmoid score per class; NMS not applied",
+    )
+    return spec_in, spec_out
+
+
+def _finish_dir(staging: Path, out: Path) -> None:
+    if out.exists():
+        shutil.rmtree(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging.rename(out)
+
+
+def export_bundle(request: ExportRequest, progress: Progress | None = None) -> ExportResult:
+    """Export, gate and write a bundle; see the module docstring."""
+    say = progress or (lambda _msg: None)
+    _check_request(request)
+    say(f"loading {request.model}")
+    detector = yolo.load_detector(request.model)
+    yolo.check_imgsz(detector, request.imgsz)
+    made, skipped = plan_variants(request.variants, cuda=cuda_usable())
+    for name, reason in skipped.items():
+        say(f"skipping {name}: {reason}")
+    if not made:
+        raise ExportArgumentError(f"none of the asked variants can be made here ({'; '.join(skipped.values())})")
+    fingerprint = collect()
+    thresholds = request.thresholds
+    out = request.out_dir.resolve()
+    staging = out.parent / f".{out.name}.partial"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    try:
+        result = _export_into(staging, request, detector, made, skipped, fingerprint, thresholds, say)
+        _finish_dir(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    say(f"bundle written to {out}")
+    return ExportResult(bundle_dir=out, manifest=result[0], export_s=result[1], gate_s=result[2])
+
+
+def _export_into(
+    staging: Path,
+    request: ExportRequest,
+    detector: yolo.LoadedDetector,
+    made: list[str],
+    skipped: dict[str, str],
+    fingerprint: Fingerprint,
+    thresholds: GateThresholds,
+    say: Progress,
+) -> tuple[Manifest, dict[str, float], dict[str, float]]:
+    say(f"golden data: sample images + {len(request.golden_images)} of yours + {request.noise_inputs} noise")
+    golden = build_golden(detector, request, thresholds)
+    golden.save(staging / GOLDEN_NAME)
+    say(f"golden data: {len(golden.inputs)} inputs, {golden.reference_count} reference detections")
+    variants = {name: _variant_record(name, request.batch) for name in made}
+    gates: dict[str, VariantGates] = {}
+    export_s: dict[str, float] = {}
+    gate_s: dict[str, float] = {}
+    draft = _manifest(request, detector, fingerprint, variants, skipped, golden, thresholds, gates={}, files={})
+    for index, (name, variant) in enumerate(variants.items(), start=1):
+        say(f"[{index}/{len(variants)}] exporting {name} (traced on {variant.device}, {variant.dtype})")
+        t0 = time.perf_counter()
+        yolo.export_torchscript(
+            detector,
+            device=variant.device,
+            half=variant.dtype == "float16",
+            imgsz=request.imgsz,
+            batch=request.batch,
+            destination=staging / variant.path,
+            fingerprint=fingerprint,
+        )
+        export_s[name] = time.perf_counter() - t0
+        say(f"[{index}/{len(variants)}] gating {name}")
+        t0 = time.perf_counter()
+        gates[name] = gate_variant(
+            staging,
+            draft,
+            variant,
+            golden,
+            fingerprint=fingerprint,
+            latency_budget_ms=request.latency_budget_ms,
+            progress=say,
+        )
+        gate_s[name] = time.perf_counter() - t0
+    files = list_files(staging, [GOLDEN_NAME, *(v.path for v in variants.values())])
+    manifest = _manifest(
+        request, detector, fingerprint, variants, skipped, golden, thresholds, gates=gates, files=files
+    )
+    write_manifest(staging, manifest)
+    return manifest, export_s, gate_s
+
+
+def _manifest(
+    request: ExportRequest,
+    detector: yolo.LoadedDetector,
+    fingerprint: Fingerprint,
+    variants: dict[str, Variant],
+    skipped: dict[str, str],
+    golden: Golden,
+    thresholds: GateThresholds,
+    *,
+    gates: dict[str, VariantGates],
+    files: dict[str, object],
+) -> Manifest:
+    spec_in, spec_out = _tensor_specs(detector, request, anchors=int(golden.outputs.shape[-1]))
+    noise_count = request.noise_inputs
+    return Manifest.model_validate(
+        {
+            "name": request.name or Path(request.model).stem,
+            "task": "detect",
+            "imgsz": request.imgsz,
+            "stride": detector.stride,
+            "names": detector.names,
+            "input": spec_in,
+            "output": spec_out,
+            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "source": Source(
+                model=Path(request.model).name,
+                kind=detector.kind,
+                weights_sha256=detector.weights_sha256,
+                ultralytics=yolo.ultralytics_version(),
+            ),
+            "fingerprint": fingerprint,
+            "variants": variants,
+            "skipped_variants": skipped,
+            "golden": GoldenInfo(
+                path=GOLDEN_NAME,
+                images=list(golden.input_names[: len(golden.input_names) - noise_count]),
+                noise_inputs=noise_count,
+                seed=request.seed,
+            ),
+            "thresholds": thresholds,
+            "latency_budget_ms": request.latency_budget_ms,
+            "gates": gates,
+            "gates_passed": bool(gates) and all(g.passed for g in gates.values()),
+            "files": files,
+        }
+    )
+

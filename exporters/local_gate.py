@@ -1,0 +1,104 @@
+"""Re-running a bundle's gates on this machine against its golden data.
+
+``yolo-ota gate`` and the edge agent both call ``gate_bundle``: verify every file, pick the variants this
+machine can run, load each with ``map_location``, and judge it with the thresholds stored in the manifest.
+Light module: no Ultralytics.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from exporters.bundle import Manifest, Variant, load_verified, safe_join
+from exporters.errors import DeviceError, ExportArgumentError
+from exporters.fingerprint import Fingerprint, check_compatible, collect, cuda_usable
+from exporters.gates import Progress, VariantGates, run_gates
+from exporters.golden import Golden
+from exporters.runtime import load_torchscript
+
+log = logging.getLogger(__name__)
+
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+
+def runnable_variants(manifest: Manifest, device: Literal["cpu", "cuda"]) -> list[Variant]:
+    """The bundle's variants for ``device``, best first (fp16 before fp32 on CUDA)."""
+    order = {"cuda-fp16": 0, "cuda-fp32": 1, "cpu-fp32": 2}
+    chosen = [v for v in manifest.variants.values() if v.device == device]
+    return sorted(chosen, key=lambda v: order.get(v.name, 99))
+
+
+def gate_variant(
+    bundle_dir: Path,
+    manifest: Manifest,
+    variant: Variant,
+    golden: Golden,
+    *,
+    fingerprint: Fingerprint,
+    latency_budget_ms: float | None,
+    progress: Progress | None = None,
+) -> VariantGates:
+    """Load one variant onto its device and run every gate against the golden data."""
+    device = "cuda:0" if variant.device == "cuda" else "cpu"
+    module = load_torchscript(safe_join(bundle_dir, variant.path), device)
+    return run_gates(
+        module,
+        golden,
+        variant=variant.name,
+        device=device,
+        dtype=TORCH_DTYPES[variant.dtype],
+        batch=variant.batch,
+        thresholds=manifest.thresholds,
+        latency_budget_ms=latency_budget_ms,
+        measured_on=fingerprint.summary(),
+        progress=progress,
+    )
+
+
+def gate_bundle(
+    bundle_dir: Path,
+    *,
+    device: Literal["cpu", "cuda"],
+    variants: list[str] | None = None,
+    latency_budget_ms: float | None = None,
+    progress: Progress | None = None,
+) -> tuple[Manifest, list[VariantGates]]:
+    """Verify ``bundle_dir`` and gate its variants for ``device`` on this machine.
+
+    The budget defaults to the one recorded at export. Raises ``BundleError`` for a missing or altered file,
+    ``DeviceError`` when CUDA is asked for and does not work, ``ExportArgumentError`` for an unknown variant.
+    """
+    manifest = load_verified(bundle_dir)
+    if device == "cuda" and not cuda_usable():
+        raise DeviceError("--device cuda asked for, but no working CUDA device is visible on this machine")
+    fingerprint = collect()
+    if variants:
+        unknown = [name for name in variants if name not in manifest.variants]
+        if unknown:
+            raise ExportArgumentError(
+                f"bundle has no variant {', '.join(unknown)}; it has {', '.join(sorted(manifest.variants))}"
+            )
+        chosen = [manifest.variants[name] for name in variants]
+    else:
+        chosen = runnable_variants(manifest, device)
+    if not chosen:
+        raise DeviceError(
+            f"bundle has no {device} variant (it has {', '.join(sorted(manifest.variants))})"
+        )
+    for variant in chosen:
+        reason = check_compatible(manifest.fingerprint, fingerprint, variant.name)
+        if reason:
+            raise DeviceError(reason)
+    golden = Golden.load(safe_join(bundle_dir, manifest.golden.path))
+    budget = latency_budget_ms if latency_budget_ms is not None else manifest.latency_budget_ms
+    results = [
+        gate_variant(
+            bundle_dir, manifest, v, golden, fingerprint=fingerprint, latency_budget_ms=budget, progress=progress
+        )
+        for v in chosen
+    ]
+    return manifest, results

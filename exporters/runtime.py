@@ -1,0 +1,39 @@
+"""Loading a bundle's TorchScript variant onto a device: the one place that calls ``torch.jit.load``.
+
+Light module (torch only). TorchScript is marked deprecated in recent PyTorch in favour of ``torch.export``;
+it remains the format Ultralytics exports and factory devices run, so that warning is silenced here, once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from exporters.errors import ModelError
+
+
+@contextlib.contextmanager
+def quiet_torchscript() -> Iterator[None]:
+    """Silence PyTorch's deprecation notice for ``torch.jit`` calls inside the block."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.jit.*deprecated", category=FutureWarning)
+        yield
+
+
+def load_torchscript(
+    path: Path, device: str, *, extra_files: dict[str, Any] | None = None
+) -> torch.jit.ScriptModule:
+    """Load a TorchScript file with ``map_location=device`` in eval mode; ``extra_files`` is filled in place."""
+    try:
+        with quiet_torchscript():
+            module = torch.jit.load(str(path), map_location=device, _extra_files=extra_files or {})
+    except (RuntimeError, ValueError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"cannot load TorchScript {path.name} on {device}: {first[:300]}") from exc
+    module.eval()
+    return module

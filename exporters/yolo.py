@@ -1,0 +1,259 @@
+"""Everything that touches Ultralytics: loading a detector, its eager forward pass, its TorchScript export, and
+training the small synthetic detector used by tests and the demo.
+
+This is the only module of the project that imports ``ultralytics``; the rest of ``exporters`` (bundle, gates,
+fingerprint, pre/post-processing) stays importable on a device that has only torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import logging
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from exporters.errors import ExportArgumentError, ModelError, UnsupportedTaskError
+from exporters.fingerprint import Fingerprint
+from exporters.runtime import load_torchscript, quiet_torchscript
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_TASKS = ("detect",)
+FINGERPRINT_EXTRA_FILE = "yolo_ota_fingerprint.json"
+# Ultralytics' own logger integrations; each would open a run in a store of its own during training.
+_LOGGER_INTEGRATIONS = ("clearml", "comet", "dvc", "mlflow", "raytune", "tensorboard", "wandb")
+
+
+@dataclass
+class LoadedDetector:
+    """A detection model loaded through Ultralytics, with what the manifest needs to know about it."""
+
+    yolo: Any
+    spec: str
+    kind: Literal["weights", "config"]
+    weights_sha256: str | None
+    stride: int
+    names: dict[int, str]
+    head: str
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.names)
+
+
+def ultralytics_version() -> str:
+    import ultralytics
+
+    return str(ultralytics.__version__)
+
+
+def sample_images() -> list[Path]:
+    """The sample images that ship inside the ultralytics package (no download)."""
+    from ultralytics.utils import ASSETS
+
+    return sorted(Path(ASSETS).glob("*.jpg"))
+
+
+@contextlib.contextmanager
+def _quiet_ultralytics() -> Iterator[None]:
+    from ultralytics.utils import LOGGER
+
+    level = LOGGER.level
+    LOGGER.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        LOGGER.setLevel(level)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_detector(spec: str) -> LoadedDetector:
+    """Load ``spec``: an Ultralytics weights file (``.pt``) or a model config (``yolov8n.yaml``, a path or a name).
+
+    Raises ``ModelError`` for a missing or unreadable model and ``UnsupportedTaskError`` for anything but a
+    YOLO detection head.
+    """
+    suffix = Path(spec).suffix.lower()
+    if suffix not in (".pt", ".yaml", ".yml"):
+        raise ModelError(f"MODEL must be a .pt weights file or a .yaml model config, got {spec!r}")
+    kind: Literal["weights", "config"] = "weights" if suffix == ".pt" else "config"
+    if kind == "weights" and not Path(spec).is_file():
+        raise ModelError(f"weights file {spec} does not exist")
+    from ultralytics import YOLO
+
+    try:
+        with _quiet_ultralytics():
+            yolo = YOLO(spec, task=None)
+    except FileNotFoundError as exc:
+        raise ModelError(f"model config {spec} not found: {exc}") from exc
+    except Exception as exc:  # Ultralytics raises many kinds for a corrupt or foreign file
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"cannot load {spec}: {first[:200]}") from exc
+    task = str(yolo.task)
+    if task not in SUPPORTED_TASKS:
+        raise UnsupportedTaskError(
+            f"{spec} is a {task!r} model; supported tasks: {', '.join(SUPPORTED_TASKS)}"
+        )
+    head = type(yolo.model.model[-1]).__name__
+    if head not in ("Detect", "v10Detect", "YOLOEDetect"):
+        raise UnsupportedTaskError(f"{spec} has a {head} head; supported: YOLO Detect heads (task detect)")
+    names = {int(k): str(v) for k, v in yolo.names.items()}
+    return LoadedDetector(
+        yolo=yolo,
+        spec=spec,
+        kind=kind,
+        weights_sha256=_sha256(Path(spec)) if kind == "weights" else None,
+        stride=int(max(yolo.model.stride)),
+        names=names,
+        head=head,
+    )
+
+
+def check_imgsz(detector: LoadedDetector, imgsz: tuple[int, int]) -> None:
+    """Refuse an image size that is not a positive multiple of the model's stride."""
+    stride = detector.stride
+    for side in imgsz:
+        if side <= 0 or side % stride:
+            lower, upper = max(stride, side // stride * stride), (side // stride + 1) * stride
+            raise ExportArgumentError(
+                f"image size {side} is not a multiple of the model stride {stride} (try {lower} or {upper})"
+            )
+
+
+def eager_model(detector: LoadedDetector) -> torch.nn.Module:
+    """The eager fp32 model on the CPU in eval mode, exactly as trained (no layer fusion): the parity reference."""
+    model: torch.nn.Module = copy.deepcopy(detector.yolo.model).float().cpu().eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def export_torchscript(
+    detector: LoadedDetector,
+    *,
+    device: Literal["cpu", "cuda"],
+    half: bool,
+    imgsz: tuple[int, int],
+    batch: int,
+    destination: Path,
+    fingerprint: Fingerprint,
+) -> Path:
+    """Export through Ultralytics' own TorchScript exporter, traced on ``device``; embed the fingerprint.
+
+    The file loads with ``YOLO(path)`` (Ultralytics reads its ``config.txt`` extra file) and also carries
+    ``yolo_ota_fingerprint.json``.
+    """
+    model = detector.yolo.model
+    previous = getattr(model, "pt_path", None)
+    with tempfile.TemporaryDirectory(prefix="yolo-ota-export-") as tmp:
+        # Ultralytics writes next to the source file, or into the working directory for a config:
+        # point it at a private folder instead.
+        model.pt_path = str(Path(tmp) / "model.pt")
+        try:
+            with _quiet_ultralytics(), quiet_torchscript():
+                produced = detector.yolo.export(
+                    format="torchscript",
+                    imgsz=list(imgsz),
+                    batch=batch,
+                    device="0" if device == "cuda" else "cpu",
+                    quantize=16 if half else None,
+                    nms=None,
+                    dynamic=False,
+                    verbose=False,
+                )
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelError(f"Ultralytics TorchScript export on {device} failed: {first[:300]}") from exc
+        finally:
+            if previous is None:
+                with contextlib.suppress(AttributeError):
+                    del model.pt_path
+            else:
+                model.pt_path = previous
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        extra: dict[str, Any] = {"config.txt": ""}
+        scripted = load_torchscript(Path(produced), device, extra_files=extra)
+        extra[FINGERPRINT_EXTRA_FILE] = json.dumps(fingerprint.model_dump(mode="json"), sort_keys=True)
+        with quiet_torchscript():
+            torch.jit.save(scripted, str(destination), _extra_files=extra)
+    return destination
+
+
+@contextlib.contextmanager
+def integrations_off() -> Iterator[None]:
+    """Switch Ultralytics' logger integrations (MLflow among them) off for this process only.
+
+    The values are changed in memory; the user's Ultralytics settings file is left as it is.
+    """
+    from ultralytics.utils import SETTINGS
+
+    saved = {key: SETTINGS.get(key) for key in _LOGGER_INTEGRATIONS}
+    for key in _LOGGER_INTEGRATIONS:
+        dict.__setitem__(SETTINGS, key, False)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            dict.__setitem__(SETTINGS, key, value)
+
+
+def train_synthetic_detector(
+    work_dir: Path,
+    *,
+    config: str = "yolov8n.yaml",
+    epochs: int = 25,
+    train_images: int = 256,
+    imgsz: int = 160,
+    seed: int = 0,
+) -> Path:
+    """Train ``config`` on synthetic PCB scenes (see ``exporters.synthetic``) on the CPU; return the weights.
+
+    About two and a half minutes on two cores with the defaults; the result finds the drawn parts with
+    confidences well above 0.25. Nothing is downloaded and nothing is logged to MLflow or other trackers.
+    """
+    from ultralytics import YOLO
+
+    from exporters.synthetic import write_dataset
+
+    data_yaml = write_dataset(work_dir / "dataset", train_images=train_images, val_images=16, size=imgsz, seed=seed)
+    with integrations_off():
+        yolo = YOLO(config)
+        yolo.train(
+            data=str(data_yaml),
+            epochs=epochs,
+            imgsz=imgsz,
+            batch=16,
+            workers=0,
+            device="cpu",
+            amp=False,
+            plots=False,
+            val=False,
+            seed=seed,
+            deterministic=True,
+            project=str(work_dir / "runs"),
+            name="synthetic",
+            exist_ok=True,
+            verbose=False,
+        )
+    weights = work_dir / "runs" / "synthetic" / "weights" / "last.pt"
+    if not weights.is_file():
+        raise ModelError(f"training finished without writing {weights}")
+    final = work_dir / "synthetic-detector.pt"
+    shutil.copyfile(weights, final)
+    return final

@@ -1,0 +1,193 @@
+"""The ``yolo-ota`` command.
+
+Each sub-command imports what it needs when it runs, so ``yolo-ota --help`` is quick and a device without
+Ultralytics can still use the commands that do not export. Errors of the project's own kinds are printed as one
+line on stderr with exit status 2; a failed gate exits with status 1.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    name="yolo-ota",
+    help="Model registry and over-the-air deployment for YOLO detectors on factory GPUs.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+# Piped output (CI logs, files) gets room for the gate tables instead of rich's 80-column default.
+console = Console(highlight=False, width=None if os.isatty(1) else 120)
+err_console = Console(stderr=True, highlight=False, width=None if os.isatty(2) else 120)
+
+EXIT_GATE_FAILED = 1
+EXIT_USAGE = 2
+
+
+def _parse_imgsz(value: str) -> tuple[int, int]:
+    parts = value.replace("x", ",").split(",")
+    try:
+        sides = [int(p) for p in parts if p.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"{value!r} is not an image size: give 640 or 480,640 (height,width)") from None
+    if len(sides) == 1:
+        return sides[0], sides[0]
+    if len(sides) == 2:
+        return sides[0], sides[1]
+    raise typer.BadParameter(f"{value!r} is not an image size: give 640 or 480,640 (height,width)")
+
+
+def _fail(message: str) -> typer.Exit:
+    err_console.print(f"[bold red]error:[/] {message}")
+    return typer.Exit(EXIT_USAGE)
+
+
+def _print_tables(tables: list[Table]) -> None:
+    for table in tables:
+        console.print(table)
+
+
+def _progress(message: str) -> None:
+    err_console.print(f"[dim]•[/] {message}")
+
+
+@app.callback()
+def _root(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debug details.")] = False,
+) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    # Ultralytics reads these when first imported; nothing here may reach the network.
+    os.environ.setdefault("YOLO_OFFLINE", "true")
+
+
+@app.command()
+def export(
+    model: Annotated[str, typer.Argument(help="Ultralytics weights (.pt) or model config (yolov8n.yaml, ...).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Bundle directory to write.")],
+    imgsz: Annotated[str, typer.Option(help="Input size: 640, or height,width.")] = "640",
+    variants: Annotated[
+        str, typer.Option(help="Comma-separated variants to make.")
+    ] = "cpu-fp32,cuda-fp32,cuda-fp16",
+    batch: Annotated[int, typer.Option(help="Batch size the variants are traced with.")] = 1,
+    latency_budget_ms: Annotated[
+        float | None, typer.Option(help="p99 latency budget per forward pass; the latency gate fails above it.")
+    ] = None,
+    name: Annotated[str | None, typer.Option(help="Model name in the manifest (default: MODEL's stem).")] = None,
+    golden_images: Annotated[
+        list[Path] | None,
+        typer.Option("--golden-image", help="Extra image for the golden data (repeatable): use your own scenes."),
+    ] = None,
+    noise_inputs: Annotated[int, typer.Option(help="Seeded noise inputs added to the golden data.")] = 2,
+    force: Annotated[bool, typer.Option(help="Replace a non-empty output directory.")] = False,
+) -> None:
+    """Export MODEL to a TorchScript bundle per variant, gate every variant, and write the manifest."""
+    from exporters.errors import ExportError
+    from exporters.export import ExportRequest, export_bundle
+    from exporters.report import gate_tables, memory_table
+
+    request = ExportRequest(
+        model=model,
+        out_dir=out,
+        imgsz=_parse_imgsz(imgsz),
+        variants=tuple(v.strip() for v in variants.split(",") if v.strip()),
+        batch=batch,
+        latency_budget_ms=latency_budget_ms,
+        name=name,
+        force=force,
+        golden_images=tuple(golden_images or ()),
+        noise_inputs=noise_inputs,
+    )
+    try:
+        result = export_bundle(request, progress=_progress)
+    except ExportError as exc:
+        raise _fail(str(exc)) from None
+    results = list(result.manifest.gates.values())
+    _print_tables(gate_tables(results, title=f"Gates of {result.manifest.name} on this machine"))
+    memory = memory_table(results)
+    if memory is not None:
+        console.print(memory)
+    for skipped, reason in result.manifest.skipped_variants.items():
+        console.print(f"skipped {skipped}: {reason}")
+    verdict = "passed" if result.passed else "FAILED (bundle written, marked failed)"
+    console.print(f"bundle {result.bundle_dir}: gates {verdict}")
+    if not result.passed:
+        raise typer.Exit(EXIT_GATE_FAILED)
+
+
+@app.command()
+def gate(
+    bundle: Annotated[Path, typer.Argument(help="Bundle directory.")],
+    device: Annotated[str, typer.Option(help="cpu or cuda: which variants to gate on this machine.")] = "cpu",
+    variant: Annotated[
+        list[str] | None, typer.Option("--variant", help="Gate only this variant (repeatable).")
+    ] = None,
+    latency_budget_ms: Annotated[
+        float | None, typer.Option(help="Budget to judge by (default: the one recorded at export).")
+    ] = None,
+) -> None:
+    """Re-run a bundle's gates on this machine against its golden data (what a device does before a swap)."""
+    from exporters.errors import ExportError
+    from exporters.local_gate import gate_bundle
+    from exporters.report import gate_tables, memory_table
+
+    if device not in ("cpu", "cuda"):
+        raise _fail(f"--device must be cpu or cuda, got {device!r}")
+    try:
+        manifest, results = gate_bundle(
+            bundle,
+            device="cuda" if device == "cuda" else "cpu",
+            variants=list(variant or []) or None,
+            latency_budget_ms=latency_budget_ms,
+            progress=_progress,
+        )
+    except ExportError as exc:
+        raise _fail(str(exc)) from None
+    _print_tables(gate_tables(results, title=f"Gates of {manifest.name} re-run on this machine"))
+    memory = memory_table(results)
+    if memory is not None:
+        console.print(memory)
+    passed = all(r.passed for r in results)
+    console.print(f"gates {'passed' if passed else 'FAILED'}")
+    if not passed:
+        raise typer.Exit(EXIT_GATE_FAILED)
+
+
+@app.command()
+def inspect(
+    bundle: Annotated[Path, typer.Argument(help="Bundle directory.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the verified manifest as JSON.")] = False,
+) -> None:
+    """Verify a bundle's files and print its manifest as tables."""
+    from exporters.bundle import load_verified
+    from exporters.errors import ExportError
+    from exporters.report import files_table, gate_tables, manifest_table
+
+    try:
+        manifest = load_verified(bundle)
+    except ExportError as exc:
+        raise _fail(str(exc)) from None
+    if as_json:
+        console.print_json(manifest.to_json_bytes().decode())
+        return
+    console.print(manifest_table(manifest))
+    _print_tables(gate_tables(manifest.gates.values(), title="Gates recorded at export"))
+    console.print(files_table(manifest))
+    console.print("all files verified against the manifest")
+
+
+def main() -> None:
+    """Console entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()
