@@ -21,6 +21,7 @@ import torch
 
 from exporters import yolo
 from exporters.bundle import (
+    FileEntry,
     GOLDEN_NAME,
     VARIANT_NAMES,
     GoldenInfo,
@@ -253,7 +254,7 @@ def _manifest(
     thresholds: GateThresholds,
     *,
     gates: dict[str, VariantGates],
-    files: dict[str, object],
+    files: dict[str, FileEntry],
 ) -> Manifest:
     spec_in, spec_out = _tensor_specs(detector, request, anchors=int(golden.outputs.shape[-1]))
     noise_count = request.noise_inputs
@@ -289,4 +290,3 @@ def _manifest(
             "files": files,
         }
     )
-

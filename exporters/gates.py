@@ -200,9 +200,7 @@ def detection_parity(
     candidate_outputs: np.ndarray, reference: tuple[Detections, ...], thresholds: GateThresholds
 ) -> DetectionParity:
     """Decode ``candidate_outputs`` like the reference was decoded and match the boxes image by image."""
-    candidates = decode(
-        candidate_outputs, conf=thresholds.conf, iou=thresholds.nms_iou, max_det=thresholds.max_det
-    )
+    candidates = decode(candidate_outputs, conf=thresholds.conf, iou=thresholds.nms_iou, max_det=thresholds.max_det)
     matched = sum(match_count(r, c, thresholds.det_iou_min) for r, c in zip(reference, candidates, strict=True))
     n_ref = sum(len(r) for r in reference)
     n_cand = sum(len(c) for c in candidates)

@@ -86,9 +86,7 @@ def gate_bundle(
     else:
         chosen = runnable_variants(manifest, device)
     if not chosen:
-        raise DeviceError(
-            f"bundle has no {device} variant (it has {', '.join(sorted(manifest.variants))})"
-        )
+        raise DeviceError(f"bundle has no {device} variant (it has {', '.join(sorted(manifest.variants))})")
     for variant in chosen:
         reason = check_compatible(manifest.fingerprint, fingerprint, variant.name)
         if reason:

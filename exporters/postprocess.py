@@ -40,7 +40,9 @@ class Detections:
     def to_records(self, names: Mapping[int, str]) -> list[dict[str, object]]:
         """One JSON-ready dict per detection; a class id missing from `names` is named by its number."""
         records: list[dict[str, object]] = []
-        for box, score, class_id in zip(self.boxes.tolist(), self.scores.tolist(), self.class_ids.tolist()):
+        for box, score, class_id in zip(
+            self.boxes.tolist(), self.scores.tolist(), self.class_ids.tolist(), strict=True
+        ):
             records.append(
                 {
                     "box": [float(v) for v in box],

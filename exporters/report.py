@@ -77,7 +77,10 @@ def manifest_table(manifest: Manifest) -> Table:
     rows = [
         ("schema", str(manifest.schema_version)),
         ("task", manifest.task),
-        ("input", f"{manifest.input.name} {manifest.input.shape} {manifest.input.layout}, {manifest.input.description}"),
+        (
+            "input",
+            f"{manifest.input.name} {manifest.input.shape} {manifest.input.layout}, {manifest.input.description}",
+        ),
         ("output", f"{manifest.output.name} {manifest.output.shape} ({manifest.output.layout})"),
         ("stride", str(manifest.stride)),
         ("classes", ", ".join(f"{k}:{v}" for k, v in sorted(manifest.names.items()))),
@@ -86,12 +89,17 @@ def manifest_table(manifest: Manifest) -> Table:
         ("weights sha256", manifest.source.weights_sha256 or "-"),
         ("exported on", fp.summary()),
         ("fingerprint", f"python {fp.python}, {fp.os} {fp.arch}, cuDNN {fp.cudnn or '-'}, driver {fp.driver or '-'}"),
-        ("numerics", f"tf32 matmul {fp.tf32_matmul}, tf32 cudnn {fp.tf32_cudnn}, "
-                     f"cudnn.benchmark {fp.cudnn_benchmark}, deterministic {fp.deterministic}"),
+        (
+            "numerics",
+            f"tf32 matmul {fp.tf32_matmul}, tf32 cudnn {fp.tf32_cudnn}, "
+            f"cudnn.benchmark {fp.cudnn_benchmark}, deterministic {fp.deterministic}",
+        ),
         ("variants", ", ".join(f"{v.name} (batch {v.batch})" for v in manifest.variants.values())),
         ("skipped", "; ".join(f"{k}: {v}" for k, v in manifest.skipped_variants.items()) or "-"),
-        ("golden", f"{', '.join(manifest.golden.images)} + {manifest.golden.noise_inputs} noise (seed "
-                   f"{manifest.golden.seed})"),
+        (
+            "golden",
+            f"{', '.join(manifest.golden.images)} + {manifest.golden.noise_inputs} noise (seed {manifest.golden.seed})",
+        ),
         ("latency budget", f"{manifest.latency_budget_ms:g} ms" if manifest.latency_budget_ms else "-"),
         ("gates", _verdict(manifest.gates_passed)),
     ]

@@ -19,15 +19,15 @@ from exporters.errors import ModelError
 
 @contextlib.contextmanager
 def quiet_torchscript() -> Iterator[None]:
-    """Silence PyTorch's deprecation notice for ``torch.jit`` calls inside the block."""
+    """Silence PyTorch's deprecation notice for ``torch.jit`` and the tracer's notes on shape-dependent Python
+    branches (Ultralytics' export relies on them being frozen at the traced shape)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*torch\.jit.*deprecated", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         yield
 
 
-def load_torchscript(
-    path: Path, device: str, *, extra_files: dict[str, Any] | None = None
-) -> torch.jit.ScriptModule:
+def load_torchscript(path: Path, device: str, *, extra_files: dict[str, Any] | None = None) -> torch.jit.ScriptModule:
     """Load a TorchScript file with ``map_location=device`` in eval mode; ``extra_files`` is filled in place."""
     try:
         with quiet_torchscript():

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 
@@ -30,7 +31,7 @@ class Part:
     box: tuple[float, float, float, float]
 
 
-def _cv2():  # noqa: ANN202 - cv2 has no type stubs worth exposing here
+def _cv2() -> ModuleType:
     import cv2
 
     return cv2

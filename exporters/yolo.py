@@ -107,10 +107,9 @@ def load_detector(spec: str) -> LoadedDetector:
         raise ModelError(f"cannot load {spec}: {first[:200]}") from exc
     task = str(yolo.task)
     if task not in SUPPORTED_TASKS:
-        raise UnsupportedTaskError(
-            f"{spec} is a {task!r} model; supported tasks: {', '.join(SUPPORTED_TASKS)}"
-        )
-    head = type(yolo.model.model[-1]).__name__
+        raise UnsupportedTaskError(f"{spec} is a {task!r} model; supported tasks: {', '.join(SUPPORTED_TASKS)}")
+    network: Any = yolo.model
+    head = type(network.model[-1]).__name__
     if head not in ("Detect", "v10Detect", "YOLOEDetect"):
         raise UnsupportedTaskError(f"{spec} has a {head} head; supported: YOLO Detect heads (task detect)")
     names = {int(k): str(v) for k, v in yolo.names.items()}
@@ -119,7 +118,7 @@ def load_detector(spec: str) -> LoadedDetector:
         spec=spec,
         kind=kind,
         weights_sha256=_sha256(Path(spec)) if kind == "weights" else None,
-        stride=int(max(yolo.model.stride)),
+        stride=int(max(network.stride)),
         names=names,
         head=head,
     )

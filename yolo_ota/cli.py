@@ -74,9 +74,7 @@ def export(
     model: Annotated[str, typer.Argument(help="Ultralytics weights (.pt) or model config (yolov8n.yaml, ...).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Bundle directory to write.")],
     imgsz: Annotated[str, typer.Option(help="Input size: 640, or height,width.")] = "640",
-    variants: Annotated[
-        str, typer.Option(help="Comma-separated variants to make.")
-    ] = "cpu-fp32,cuda-fp32,cuda-fp16",
+    variants: Annotated[str, typer.Option(help="Comma-separated variants to make.")] = "cpu-fp32,cuda-fp32,cuda-fp16",
     batch: Annotated[int, typer.Option(help="Batch size the variants are traced with.")] = 1,
     latency_budget_ms: Annotated[
         float | None, typer.Option(help="p99 latency budget per forward pass; the latency gate fails above it.")
@@ -127,9 +125,7 @@ def export(
 def gate(
     bundle: Annotated[Path, typer.Argument(help="Bundle directory.")],
     device: Annotated[str, typer.Option(help="cpu or cuda: which variants to gate on this machine.")] = "cpu",
-    variant: Annotated[
-        list[str] | None, typer.Option("--variant", help="Gate only this variant (repeatable).")
-    ] = None,
+    variant: Annotated[list[str] | None, typer.Option("--variant", help="Gate only this variant (repeatable).")] = None,
     latency_budget_ms: Annotated[
         float | None, typer.Option(help="Budget to judge by (default: the one recorded at export).")
     ] = None,

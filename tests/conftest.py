@@ -1,0 +1,131 @@
+"""Shared fixtures: an offline Ultralytics environment, and a small detector that really detects.
+
+The trained detector is built once (about two and a half minutes on two cores) and cached under
+``.cache/fixtures`` in the checkout, keyed by its training recipe and the library versions, so later test runs
+reuse it. ``YOLO_OTA_FIXTURE_CACHE`` moves that cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+# Ultralytics reads these on first import: set them before any test module imports it.
+_CONFIG_DIR = tempfile.mkdtemp(prefix="yolo-ota-test-ultralytics-")
+os.environ["YOLO_OFFLINE"] = "true"
+os.environ["YOLO_CONFIG_DIR"] = _CONFIG_DIR
+
+import torch  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN_RECIPE: dict[str, Any] = {"config": "yolov8n.yaml", "epochs": 25, "train_images": 256, "imgsz": 160, "seed": 0}
+SCENE_SIZE = 160
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    shutil.rmtree(_CONFIG_DIR, ignore_errors=True)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a working CUDA device; none on this machine")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("YOLO_OTA_FIXTURE_CACHE", REPO / ".cache" / "fixtures"))
+
+
+@pytest.fixture(scope="session")
+def trained_detector() -> Path:
+    """Weights of a YOLOv8n trained on synthetic PCB scenes (classes chip, capacitor, solder_bridge)."""
+    recipe = {**TRAIN_RECIPE, "ultralytics": metadata.version("ultralytics"), "torch": torch.__version__}
+    key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+    cached = _cache_dir() / f"synthetic-detector-{key}.pt"
+    if cached.is_file():
+        return cached
+    from exporters.yolo import train_synthetic_detector
+
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="yolo-ota-train-") as work:
+        r = TRAIN_RECIPE
+        weights = train_synthetic_detector(
+            Path(work),
+            config=r["config"],
+            epochs=r["epochs"],
+            train_images=r["train_images"],
+            imgsz=r["imgsz"],
+            seed=r["seed"],
+        )
+        partial = cached.with_suffix(".partial")
+        shutil.copyfile(weights, partial)
+        partial.replace(cached)
+    return cached
+
+
+@pytest.fixture(scope="session")
+def scene_images(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Four synthetic scenes (not in the training set) to use as golden images."""
+    from exporters.synthetic import write_scenes
+
+    return write_scenes(tmp_path_factory.mktemp("scenes"), count=4, size=SCENE_SIZE, seed=1234)
+
+
+@pytest.fixture(scope="session")
+def trained_bundle(trained_detector: Path, scene_images: list[Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A cpu-fp32 bundle of the trained detector at 160 px with the scenes in its golden data (read-only use)."""
+    from exporters.export import ExportRequest, export_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "trained"
+    result = export_bundle(
+        ExportRequest(
+            model=str(trained_detector),
+            out_dir=out,
+            imgsz=(SCENE_SIZE, SCENE_SIZE),
+            variants=("cpu-fp32",),
+            name="pcb-parts",
+            golden_images=tuple(scene_images),
+        )
+    )
+    assert result.passed, result.manifest.gates
+    return out
+
+
+@pytest.fixture
+def bundle_copy(trained_bundle: Path, tmp_path: Path) -> Path:
+    """A private copy of the trained bundle that a test may alter."""
+    target = tmp_path / "bundle"
+    shutil.copytree(trained_bundle, target)
+    return target
+
+
+def run_cli(*args: str, timeout_s: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run the real ``yolo-ota`` console command in a subprocess (its environment is this test session's)."""
+    exe = Path(sys.executable).parent / "yolo-ota"
+    command = [str(exe)] if exe.exists() else [sys.executable, "-m", "yolo_ota.cli"]
+    return subprocess.run(
+        [*command, *args], capture_output=True, text=True, timeout=timeout_s, env={**os.environ, "COLUMNS": "160"}
+    )
+
+
+CliRun = Callable[..., subprocess.CompletedProcess[str]]
+
+
+@pytest.fixture
+def cli() -> CliRun:
+    """The real console command, run in a subprocess."""
+    return run_cli
