@@ -16,6 +16,8 @@ Callers catch by kind; every error says whether trying again can help (``retryab
 
 from __future__ import annotations
 
+import re
+
 
 class ExportError(Exception):
     """Base of the exporter's errors. ``retryable`` tells whether the same call may succeed later."""
@@ -57,3 +59,11 @@ class ManifestError(BundleError):
 
 class DeviceError(ExportError):
     """The requested device cannot be used on this machine."""
+
+
+def one_line(exc: BaseException, max_chars: int = 300) -> str:
+    """A foreign exception's message as one short line (Ultralytics' messages span lines and carry emoji)."""
+    text = re.sub(r"\s+", " ", str(exc)).strip()
+    text = re.sub(r"^(ERROR|WARNING)\W*", "", text).strip()
+    text = text or type(exc).__name__
+    return text if len(text) <= max_chars else text[: max_chars - 3] + "..."

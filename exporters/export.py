@@ -21,9 +21,9 @@ import torch
 
 from exporters import yolo
 from exporters.bundle import (
-    FileEntry,
     GOLDEN_NAME,
     VARIANT_NAMES,
+    FileEntry,
     GoldenInfo,
     Manifest,
     Source,

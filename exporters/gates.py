@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from exporters.errors import one_line
 from exporters.golden import Golden
 from exporters.postprocess import Detections, box_iou, decode
 
@@ -279,7 +280,7 @@ def memory_sweep(
             stopped = f"out of memory at batch {batch}"
             break
         except RuntimeError as exc:  # a traced graph that only takes its export batch
-            stopped = f"batch {batch} refused: {str(exc).splitlines()[0][:120]}"
+            stopped = f"batch {batch} refused: {one_line(exc, 120)}"
             break
         finally:
             torch.cuda.empty_cache()

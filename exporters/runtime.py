@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from exporters.errors import ModelError
+from exporters.errors import ModelError, one_line
 
 
 @contextlib.contextmanager
@@ -33,7 +33,6 @@ def load_torchscript(path: Path, device: str, *, extra_files: dict[str, Any] | N
         with quiet_torchscript():
             module = torch.jit.load(str(path), map_location=device, _extra_files=extra_files or {})
     except (RuntimeError, ValueError, OSError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"cannot load TorchScript {path.name} on {device}: {first[:300]}") from exc
+        raise ModelError(f"cannot load TorchScript {path.name} on {device}: {one_line(exc)}") from exc
     module.eval()
     return module

@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import torch
 
-from exporters.errors import ExportArgumentError, ModelError, UnsupportedTaskError
+from exporters.errors import ExportArgumentError, ModelError, UnsupportedTaskError, one_line
 from exporters.fingerprint import Fingerprint
 from exporters.runtime import load_torchscript, quiet_torchscript
 
@@ -103,8 +103,7 @@ def load_detector(spec: str) -> LoadedDetector:
     except FileNotFoundError as exc:
         raise ModelError(f"model config {spec} not found: {exc}") from exc
     except Exception as exc:  # Ultralytics raises many kinds for a corrupt or foreign file
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"cannot load {spec}: {first[:200]}") from exc
+        raise ModelError(f"cannot load {spec}: {one_line(exc)}") from exc
     task = str(yolo.task)
     if task not in SUPPORTED_TASKS:
         raise UnsupportedTaskError(f"{spec} is a {task!r} model; supported tasks: {', '.join(SUPPORTED_TASKS)}")
@@ -177,8 +176,7 @@ def export_torchscript(
                     verbose=False,
                 )
         except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ModelError(f"Ultralytics TorchScript export on {device} failed: {first[:300]}") from exc
+            raise ModelError(f"Ultralytics TorchScript export on {device} failed: {one_line(exc)}") from exc
         finally:
             if previous is None:
                 with contextlib.suppress(AttributeError):

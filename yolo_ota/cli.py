@@ -15,6 +15,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 app = typer.Typer(
     name="yolo-ota",
@@ -45,7 +46,8 @@ def _parse_imgsz(value: str) -> tuple[int, int]:
 
 
 def _fail(message: str) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/] {message}")
+    # One unwrapped line, and the message printed as text: paths and shapes may contain rich markup brackets.
+    err_console.print(Text.assemble(("error: ", "bold red"), message), soft_wrap=True)
     return typer.Exit(EXIT_USAGE)
 
 
@@ -55,7 +57,7 @@ def _print_tables(tables: list[Table]) -> None:
 
 
 def _progress(message: str) -> None:
-    err_console.print(f"[dim]•[/] {message}")
+    err_console.print(Text.assemble(("• ", "dim"), message), soft_wrap=True)
 
 
 @app.callback()
