@@ -73,6 +73,7 @@ class LatencyStats(_Report):
     batch: int
     iterations: int
     timer: Literal["cuda-events", "perf_counter"]
+    cpu_threads: int
     p50_ms: float
     p90_ms: float
     p99_ms: float
@@ -248,6 +249,7 @@ def measure_latency(
         batch=batch,
         iterations=timed_iters,
         timer="cuda-events" if on_cuda else "perf_counter",
+        cpu_threads=torch.get_num_threads(),
         p50_ms=float(np.percentile(values, 50)),
         p90_ms=float(np.percentile(values, 90)),
         p99_ms=float(np.percentile(values, 99)),

@@ -25,7 +25,7 @@ def gate_tables(results: Iterable[VariantGates], title: str = "Gates") -> list[T
     for column in ("variant", "raw MSE", "max abs", "cosine", "boxes ref/new", "matched ref/new", "result"):
         parity.add_column(column, justify="left" if column in ("variant", "result") else "right")
     latency = Table(title=f"{title}: latency", title_justify="left")
-    for column in ("variant", "timer", "batch", "p50 ms", "p90 ms", "p99 ms", "mean ms", "FPS", "budget ms"):
+    for column in ("variant", "timer", "threads", "batch", "p50 ms", "p90 ms", "p99 ms", "mean ms", "FPS", "budget ms"):
         latency.add_column(column, justify="left" if column in ("variant", "timer") else "right")
     for g in results:
         raw, det = g.raw_parity, g.detection_parity
@@ -44,6 +44,7 @@ def gate_tables(results: Iterable[VariantGates], title: str = "Gates") -> list[T
             latency.add_row(
                 g.variant,
                 stats.timer,
+                str(stats.cpu_threads),
                 str(stats.batch),
                 f"{stats.p50_ms:.2f}",
                 f"{stats.p90_ms:.2f}",

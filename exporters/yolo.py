@@ -17,6 +17,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Literal
 
 import torch
@@ -50,14 +51,23 @@ class LoadedDetector:
         return len(self.names)
 
 
-def ultralytics_version() -> str:
+def _ultralytics() -> ModuleType:
+    """Import ultralytics, keeping torch's CPU thread count: on import it sets it to cpu_count - 1, which would
+    make export-time latency differ from what a device without ultralytics measures."""
+    threads = torch.get_num_threads()
     import ultralytics
 
-    return str(ultralytics.__version__)
+    torch.set_num_threads(threads)
+    return ultralytics
+
+
+def ultralytics_version() -> str:
+    return str(_ultralytics().__version__)
 
 
 def sample_images() -> list[Path]:
     """The sample images that ship inside the ultralytics package (no download)."""
+    _ultralytics()
     from ultralytics.utils import ASSETS
 
     return sorted(Path(ASSETS).glob("*.jpg"))
@@ -65,14 +75,18 @@ def sample_images() -> list[Path]:
 
 @contextlib.contextmanager
 def _quiet_ultralytics() -> Iterator[None]:
+    """Around an Ultralytics call: warnings-only logging, and torch's CPU thread count kept (its device
+    selection sets cpu_count - 1, which would make export-time latency differ from a device's)."""
+    _ultralytics()
     from ultralytics.utils import LOGGER
 
-    level = LOGGER.level
+    level, threads = LOGGER.level, torch.get_num_threads()
     LOGGER.setLevel(logging.WARNING)
     try:
         yield
     finally:
         LOGGER.setLevel(level)
+        torch.set_num_threads(threads)
 
 
 def _sha256(path: Path) -> str:
@@ -95,7 +109,7 @@ def load_detector(spec: str) -> LoadedDetector:
     kind: Literal["weights", "config"] = "weights" if suffix == ".pt" else "config"
     if kind == "weights" and not Path(spec).is_file():
         raise ModelError(f"weights file {spec} does not exist")
-    from ultralytics import YOLO
+    YOLO = _ultralytics().YOLO
 
     try:
         with _quiet_ultralytics():
@@ -198,6 +212,7 @@ def integrations_off() -> Iterator[None]:
 
     The values are changed in memory; the user's Ultralytics settings file is left as it is.
     """
+    _ultralytics()
     from ultralytics.utils import SETTINGS
 
     saved = {key: SETTINGS.get(key) for key in _LOGGER_INTEGRATIONS}
@@ -224,12 +239,12 @@ def train_synthetic_detector(
     About two and a half minutes on two cores with the defaults; the result finds the drawn parts with
     confidences well above 0.25. Nothing is downloaded and nothing is logged to MLflow or other trackers.
     """
-    from ultralytics import YOLO
+    YOLO = _ultralytics().YOLO
 
     from exporters.synthetic import write_dataset
 
     data_yaml = write_dataset(work_dir / "dataset", train_images=train_images, val_images=16, size=imgsz, seed=seed)
-    with integrations_off():
+    with integrations_off(), _quiet_ultralytics():
         yolo = YOLO(config)
         yolo.train(
             data=str(data_yaml),
