@@ -1,0 +1,1 @@
+"""The device daemon (DESIGN.md section 7). Not written yet."""

@@ -94,8 +94,12 @@ def _check_request(request: ExportRequest) -> None:
     out = request.out_dir
     if out.exists() and not out.is_dir():
         raise OutputDirError(f"output {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not request.force:
-        raise OutputDirError(f"output directory {out} is not empty (use --force to replace it)")
+    if out.is_dir() and any(out.iterdir()):
+        if not request.force:
+            raise OutputDirError(f"output directory {out} is not empty (use --force to replace it)")
+        resolved, cwd = out.resolve(), Path.cwd().resolve()
+        if resolved in (cwd, *cwd.parents, Path.home().resolve()):
+            raise OutputDirError(f"refusing to replace {out}: it is the working directory, a parent of it, or home")
 
 
 def plan_variants(asked: Sequence[str], *, cuda: bool) -> tuple[list[str], dict[str, str]]:

@@ -62,17 +62,20 @@ def gate_variant(
 def gate_bundle(
     bundle_dir: Path,
     *,
-    device: Literal["cpu", "cuda"],
+    device: Literal["cpu", "cuda", "auto"],
     variants: list[str] | None = None,
     latency_budget_ms: float | None = None,
     progress: Progress | None = None,
 ) -> tuple[Manifest, list[VariantGates]]:
-    """Verify ``bundle_dir`` and gate its variants for ``device`` on this machine.
+    """Verify ``bundle_dir`` and gate its variants for ``device`` on this machine (``auto``: the CUDA variants
+    when CUDA works and the bundle has some, else the CPU ones).
 
     The budget defaults to the one recorded at export. Raises ``BundleError`` for a missing or altered file,
     ``DeviceError`` when CUDA is asked for and does not work, ``ExportArgumentError`` for an unknown variant.
     """
     manifest = load_verified(bundle_dir)
+    if device == "auto":
+        device = "cuda" if cuda_usable() and runnable_variants(manifest, "cuda") else "cpu"
     if device == "cuda" and not cuda_usable():
         raise DeviceError("--device cuda asked for, but no working CUDA device is visible on this machine")
     fingerprint = collect()

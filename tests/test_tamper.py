@@ -12,6 +12,8 @@ import torch
 from exporters.bundle import MANIFEST_NAME, file_entry, load_verified
 from exporters.errors import BundleIntegrityError, UnsafePathError
 from exporters.export import ExportRequest, export_bundle
+from exporters.gates import run_gates
+from exporters.golden import Golden
 from exporters.local_gate import gate_bundle
 from exporters.runtime import load_torchscript, quiet_torchscript
 
@@ -124,3 +126,30 @@ def test_paths_leaving_the_bundle_are_refused(bundle_copy: Path, bad_path: str) 
 def test_unlisted_files_are_ignored(bundle_copy: Path) -> None:
     (bundle_copy / "notes.txt").write_text("not part of the bundle")
     assert load_verified(bundle_copy).name == "pcb-parts"
+
+
+def test_half_precision_is_judged_by_detection_parity(trained_bundle: Path) -> None:
+    """fp16 drifts past the fp32 raw limit by nature; the gate reports that drift and judges the boxes instead.
+
+    Ultralytics only exports fp16 on a GPU, so the cpu-fp32 file is cast to half here to exercise that path.
+    """
+    manifest = load_verified(trained_bundle)
+    golden = Golden.load(trained_bundle / manifest.golden.path)
+    module = load_torchscript(trained_bundle / VARIANT, "cpu").half()
+    gates = run_gates(
+        module,
+        golden,
+        variant="half-on-cpu",
+        device="cpu",
+        dtype=torch.float16,
+        batch=1,
+        thresholds=manifest.thresholds.model_copy(update={"timed_iters": 3, "warmup_iters": 1}),
+        latency_budget_ms=None,
+        measured_on="test",
+    )
+    assert gates.dtype == "float16"
+    assert not gates.raw_parity.judged
+    assert gates.raw_parity.mse > manifest.thresholds.raw_mse_max  # would fail an fp32 variant
+    assert gates.detection_parity.reference_detections > 0
+    assert gates.detection_parity.passed, gates.detection_parity
+    assert gates.passed

@@ -1,0 +1,1 @@
+"""The ``yolo-ota`` command line (``yolo_ota.cli``)."""

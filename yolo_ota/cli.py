@@ -126,7 +126,9 @@ def export(
 @app.command()
 def gate(
     bundle: Annotated[Path, typer.Argument(help="Bundle directory.")],
-    device: Annotated[str, typer.Option(help="cpu or cuda: which variants to gate on this machine.")] = "cpu",
+    device: Annotated[
+        str, typer.Option(help="cpu, cuda, or auto (the CUDA variants when CUDA works here and the bundle has them).")
+    ] = "auto",
     variant: Annotated[list[str] | None, typer.Option("--variant", help="Gate only this variant (repeatable).")] = None,
     latency_budget_ms: Annotated[
         float | None, typer.Option(help="Budget to judge by (default: the one recorded at export).")
@@ -137,12 +139,12 @@ def gate(
     from exporters.local_gate import gate_bundle
     from exporters.report import gate_tables, memory_table
 
-    if device not in ("cpu", "cuda"):
-        raise _fail(f"--device must be cpu or cuda, got {device!r}")
+    if device not in ("cpu", "cuda", "auto"):
+        raise _fail(f"--device must be cpu, cuda or auto, got {device!r}")
     try:
         manifest, results = gate_bundle(
             bundle,
-            device="cuda" if device == "cuda" else "cpu",
+            device="cuda" if device == "cuda" else "cpu" if device == "cpu" else "auto",
             variants=list(variant or []) or None,
             latency_budget_ms=latency_budget_ms,
             progress=_progress,

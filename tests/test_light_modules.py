@@ -1,0 +1,47 @@
+"""The modules a device uses must not pull in Ultralytics (DESIGN.md section 1)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+LIGHT = (
+    "exporters.bundle",
+    "exporters.errors",
+    "exporters.fingerprint",
+    "exporters.gates",
+    "exporters.golden",
+    "exporters.local_gate",
+    "exporters.postprocess",
+    "exporters.preprocess",
+    "exporters.report",
+    "exporters.runtime",
+    "yolo_ota.cli",
+)
+
+
+def test_light_modules_do_not_import_ultralytics() -> None:
+    code = (
+        "import sys\n"
+        f"for name in {LIGHT!r}:\n"
+        "    __import__(name)\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('ultralytics', 'mlflow', 'cv2'))\n"
+        "print(','.join(heavy))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "", f"light modules imported {done.stdout.strip()}"
+
+
+def test_only_the_yolo_module_imports_ultralytics() -> None:
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    importers = sorted(
+        str(path.relative_to(root))
+        for package in ("exporters", "registry", "edge_agent", "yolo_ota")
+        for path in (root / package).rglob("*.py")
+        if re.search(r"^\s*(import|from) ultralytics\b", path.read_text(), flags=re.MULTILINE)
+    )
+    assert importers == ["exporters/yolo.py"]
