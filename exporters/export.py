@@ -210,6 +210,11 @@ def _export_into(
     golden = build_golden(detector, request, thresholds)
     golden.save(staging / GOLDEN_NAME)
     say(f"golden data: {len(golden.inputs)} inputs, {golden.reference_count} reference detections")
+    if golden.reference_count == 0:
+        say(
+            "warning: the model finds nothing in the golden images, so detection parity compares no boxes; "
+            "give --golden-image frames in which it detects objects"
+        )
     variants = {name: _variant_record(name, request.batch) for name in made}
     gates: dict[str, VariantGates] = {}
     export_s: dict[str, float] = {}
