@@ -89,7 +89,7 @@ class LatencyGate(_Report):
 
 class MemoryPoint(_Report):
     batch: int
-    peak_bytes: int
+    peak_bytes: int = Field(description="peak CUDA memory of the variant: weights, input and activations")
     fps: float
 
 
@@ -259,9 +259,18 @@ def measure_latency(
 
 
 def memory_sweep(
-    model: Callable[[torch.Tensor], object], sample: torch.Tensor, *, max_batch: int, time_limit_s: float
+    model: Callable[[torch.Tensor], object],
+    sample: torch.Tensor,
+    *,
+    max_batch: int,
+    time_limit_s: float,
+    baseline_bytes: int = 0,
 ) -> MemoryGate:
-    """Double the batch from 1 until out of memory, ``max_batch`` or ``time_limit_s``; peak memory per batch."""
+    """Double the batch from 1 until out of memory, ``max_batch`` or ``time_limit_s``; peak memory per batch.
+
+    ``baseline_bytes`` is what the process held before the model was loaded, so that the figures are the
+    variant's own and not whatever else the process keeps on the GPU.
+    """
     points: list[MemoryPoint] = []
     deadline = time.monotonic() + time_limit_s
     batch, stopped = 1, f"reached the batch limit {max_batch}"
@@ -276,7 +285,11 @@ def memory_sweep(
             torch.cuda.reset_peak_memory_stats(device)
             stats = measure_latency(model, x, warmup_iters=2, timed_iters=5)
             points.append(
-                MemoryPoint(batch=batch, peak_bytes=int(torch.cuda.max_memory_allocated(device)), fps=stats.fps)
+                MemoryPoint(
+                    batch=batch,
+                    peak_bytes=max(0, int(torch.cuda.max_memory_allocated(device)) - baseline_bytes),
+                    fps=stats.fps,
+                )
             )
         except torch.cuda.OutOfMemoryError:
             stopped = f"out of memory at batch {batch}"
@@ -301,9 +314,13 @@ def run_gates(
     thresholds: GateThresholds,
     latency_budget_ms: float | None,
     measured_on: str,
+    memory_baseline_bytes: int = 0,
     progress: Progress | None = None,
 ) -> VariantGates:
-    """Run every gate of one loaded variant against the golden data."""
+    """Run every gate of one loaded variant against the golden data.
+
+    ``memory_baseline_bytes``: CUDA memory the process held before the variant was loaded (see memory_sweep).
+    """
     say = progress or (lambda _msg: None)
     device_kind: DeviceKind = "cuda" if device.startswith("cuda") else "cpu"
     fp16 = dtype == torch.float16
@@ -325,6 +342,7 @@ def run_gates(
             example,
             max_batch=thresholds.memory_max_batch,
             time_limit_s=thresholds.memory_time_limit_s,
+            baseline_bytes=memory_baseline_bytes,
         )
     gates = VariantGates(
         variant=variant,

@@ -7,6 +7,7 @@ Light module: no Ultralytics.
 
 from __future__ import annotations
 
+import gc
 import logging
 from pathlib import Path
 from typing import Literal
@@ -44,6 +45,11 @@ def gate_variant(
 ) -> VariantGates:
     """Load one variant onto its device and run every gate against the golden data."""
     device = "cuda:0" if variant.device == "cuda" else "cpu"
+    baseline_bytes = 0
+    if variant.device == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()
+        baseline_bytes = torch.cuda.memory_allocated(device)
     module = load_torchscript(safe_join(bundle_dir, variant.path), device)
     return run_gates(
         module,
@@ -55,6 +61,7 @@ def gate_variant(
         thresholds=manifest.thresholds,
         latency_budget_ms=latency_budget_ms,
         measured_on=fingerprint.summary(),
+        memory_baseline_bytes=baseline_bytes,
         progress=progress,
     )
 
