@@ -80,6 +80,9 @@ class GoldenInfo(_Strict):
     images: list[str]
     noise_inputs: int
     seed: int
+    reference_devices: list[Literal["cpu", "cuda"]] = Field(
+        default=["cpu"], description="devices the eager reference outputs were computed on"
+    )
 
 
 class Manifest(_Strict):

@@ -35,7 +35,7 @@ from exporters.bundle import (
 )
 from exporters.errors import ExportArgumentError, OutputDirError
 from exporters.fingerprint import Fingerprint, collect, cuda_usable
-from exporters.gates import GateThresholds, VariantGates, first_tensor, run_batched
+from exporters.gates import GateThresholds, VariantGates, first_tensor, run_batched, strict_fp32
 from exporters.golden import Golden, noise_inputs, stack_inputs
 from exporters.local_gate import gate_variant
 from exporters.postprocess import decode
@@ -117,8 +117,11 @@ def build_golden(
     detector: yolo.LoadedDetector,
     request: ExportRequest,
     thresholds: GateThresholds,
+    *,
+    cuda_reference: bool = False,
 ) -> Golden:
-    """Letterbox the sample and user images, add seeded noise, and record the eager fp32 model's answers."""
+    """Letterbox the sample and user images, add seeded noise, and record the eager fp32 model's answers:
+    on the CPU always, and on CUDA too when ``cuda_reference`` (for the CUDA variants' raw parity)."""
     images = [*yolo.sample_images(), *request.golden_images]
     boxed = [letterbox(read_image(path), request.imgsz)[0] for path in images]
     names = [path.name for path in images] + [f"noise-{k}" for k in range(request.noise_inputs)]
@@ -126,7 +129,22 @@ def build_golden(
     eager = yolo.eager_model(detector)
     outputs = run_batched(lambda x: first_tensor(eager(x)), inputs, device="cpu", dtype=torch.float32, batch=4)
     detections = decode(outputs, conf=thresholds.conf, iou=thresholds.nms_iou, max_det=thresholds.max_det)
-    return Golden(inputs=inputs, input_names=tuple(names), outputs=outputs, detections=tuple(detections))
+    outputs_cuda = None
+    if cuda_reference:
+        eager_cuda = eager.to("cuda:0")
+        with strict_fp32():
+            outputs_cuda = run_batched(
+                lambda x: first_tensor(eager_cuda(x)), inputs, device="cuda:0", dtype=torch.float32, batch=4
+            )
+        del eager_cuda
+        torch.cuda.empty_cache()
+    return Golden(
+        inputs=inputs,
+        input_names=tuple(names),
+        outputs=outputs,
+        detections=tuple(detections),
+        outputs_cuda=outputs_cuda,
+    )
 
 
 def _variant_record(name: str, batch: int) -> Variant:
@@ -207,7 +225,7 @@ def _export_into(
     say: Progress,
 ) -> tuple[Manifest, dict[str, float], dict[str, float]]:
     say(f"golden data: sample images + {len(request.golden_images)} of yours + {request.noise_inputs} noise")
-    golden = build_golden(detector, request, thresholds)
+    golden = build_golden(detector, request, thresholds, cuda_reference=any(n.startswith("cuda") for n in made))
     golden.save(staging / GOLDEN_NAME)
     say(f"golden data: {len(golden.inputs)} inputs, {golden.reference_count} reference detections")
     if golden.reference_count == 0:
@@ -288,6 +306,7 @@ def _manifest(
             "skipped_variants": skipped,
             "golden": GoldenInfo(
                 path=GOLDEN_NAME,
+                reference_devices=["cpu", "cuda"] if golden.outputs_cuda is not None else ["cpu"],
                 images=list(golden.input_names[: len(golden.input_names) - noise_count]),
                 noise_inputs=noise_count,
                 seed=request.seed,

@@ -53,6 +53,7 @@ class GateThresholds(_Report):
 
 
 class RawParity(_Report):
+    reference: Literal["cpu", "cuda"] = Field(description="device of the eager outputs compared with")
     mse: float
     max_abs: float
     cosine: float
@@ -165,10 +166,19 @@ def run_batched(
     return np.concatenate(outputs, axis=0)
 
 
-def raw_parity(candidate: np.ndarray, reference: np.ndarray, *, judged: bool, mse_max: float) -> RawParity:
+def raw_parity(
+    candidate: np.ndarray,
+    reference: np.ndarray,
+    *,
+    judged: bool,
+    mse_max: float,
+    reference_device: Literal["cpu", "cuda"] = "cpu",
+) -> RawParity:
     """Compare raw outputs element-wise."""
     if candidate.shape != reference.shape:
-        return RawParity(mse=math.inf, max_abs=math.inf, cosine=0.0, judged=judged, passed=False)
+        return RawParity(
+            reference=reference_device, mse=math.inf, max_abs=math.inf, cosine=0.0, judged=judged, passed=False
+        )
     a = candidate.astype(np.float64).ravel()
     b = reference.astype(np.float64).ravel()
     diff = a - b
@@ -178,7 +188,7 @@ def raw_parity(candidate: np.ndarray, reference: np.ndarray, *, judged: bool, ms
     cosine = float(np.dot(a, b) / norms) if norms > 0 else 1.0
     finite = bool(np.isfinite(a).all())
     passed = finite and (mse <= mse_max if judged else True)
-    return RawParity(mse=mse, max_abs=max_abs, cosine=cosine, judged=judged, passed=passed)
+    return RawParity(reference=reference_device, mse=mse, max_abs=max_abs, cosine=cosine, judged=judged, passed=passed)
 
 
 def match_count(reference: Detections, candidate: Detections, iou_min: float) -> int:
@@ -327,7 +337,10 @@ def run_gates(
     say(f"{variant}: parity on {len(golden.inputs)} golden inputs")
     with strict_fp32():
         outputs = run_batched(model, golden.inputs, device=device, dtype=dtype, batch=batch)
-    raw = raw_parity(outputs, golden.outputs, judged=not fp16, mse_max=thresholds.raw_mse_max)
+    reference, reference_device = golden.raw_reference(device_kind)
+    raw = raw_parity(
+        outputs, reference, judged=not fp16, mse_max=thresholds.raw_mse_max, reference_device=reference_device
+    )
     det = detection_parity(outputs, golden.detections, thresholds)
     say(f"{variant}: latency ({thresholds.warmup_iters} warm-up + {thresholds.timed_iters} timed runs)")
     example = torch.from_numpy(np.repeat(golden.inputs[:1], batch, axis=0)).to(device=device, dtype=dtype)

@@ -5,7 +5,8 @@ compares a TorchScript variant's outputs with it. Plain numpy arrays only (``all
 
     inputs            float32 (N, 3, H, W)  letterboxed RGB in [0, 1]
     input_names       str (N,)              image file name, or ``noise-<k>``
-    outputs           float32 (N, 4+nc, A)  eager fp32 model output on ``inputs``
+    outputs           float32 (N, 4+nc, A)  eager fp32 model output on ``inputs``, on the CPU
+    outputs_cuda      float32 (N, 4+nc, A)  the same on a CUDA device, TF32 off (only when CUDA variants were made)
     detections        float32 (M, 7)        image index, x1, y1, x2, y2, score, class id (after NMS)
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -31,6 +33,17 @@ class Golden:
     input_names: tuple[str, ...]
     outputs: np.ndarray
     detections: tuple[Detections, ...]
+    outputs_cuda: np.ndarray | None = None
+
+    def raw_reference(self, device: Literal["cpu", "cuda"]) -> tuple[np.ndarray, Literal["cpu", "cuda"]]:
+        """The eager outputs a variant on ``device`` is compared with, and which device produced them.
+
+        Raw parity measures what the conversion to TorchScript changed, so a CUDA variant is compared with the
+        eager model on CUDA when the bundle has that reference: CPU and GPU kernels round differently.
+        """
+        if device == "cuda" and self.outputs_cuda is not None:
+            return self.outputs_cuda, "cuda"
+        return self.outputs, "cpu"
 
     @property
     def reference_count(self) -> int:
@@ -46,14 +59,16 @@ class Golden:
             for index, d in enumerate(self.detections)
         ]
         table = np.concatenate(rows, axis=0).astype(np.float32) if rows else np.zeros((0, 7), np.float32)
+        arrays = {
+            "inputs": self.inputs.astype(np.float32),
+            "input_names": np.array(self.input_names),
+            "outputs": self.outputs.astype(np.float32),
+            "detections": table,
+        }
+        if self.outputs_cuda is not None:
+            arrays["outputs_cuda"] = self.outputs_cuda.astype(np.float32)
         with path.open("wb") as handle:
-            np.savez_compressed(
-                handle,
-                inputs=self.inputs.astype(np.float32),
-                input_names=np.array(self.input_names),
-                outputs=self.outputs.astype(np.float32),
-                detections=table,
-            )
+            np.savez_compressed(handle, allow_pickle=False, **arrays)
 
     @classmethod
     def load(cls, path: Path) -> Golden:
@@ -64,16 +79,20 @@ class Golden:
                 if missing:
                     raise BundleError(f"{path.name} lacks {', '.join(missing)}: not golden data")
                 arrays = {key: data[key] for key in _KEYS}
+                outputs_cuda = data["outputs_cuda"] if "outputs_cuda" in data.files else None
         except (OSError, ValueError) as exc:
             raise BundleError(f"{path.name} cannot be read as golden data: {exc}") from exc
         inputs, outputs, table = arrays["inputs"], arrays["outputs"], arrays["detections"]
         if inputs.ndim != 4 or outputs.ndim != 3 or len(inputs) != len(outputs) or table.ndim != 2:
             raise BundleError(f"{path.name} has inconsistent shapes {inputs.shape}, {outputs.shape}, {table.shape}")
+        if outputs_cuda is not None and outputs_cuda.shape != outputs.shape:
+            raise BundleError(f"{path.name} has CUDA outputs of shape {outputs_cuda.shape}, not {outputs.shape}")
         return cls(
             inputs=inputs,
             input_names=tuple(str(name) for name in arrays["input_names"]),
             outputs=outputs,
             detections=tuple(_split_detections(table, len(inputs))),
+            outputs_cuda=outputs_cuda,
         )
 
 

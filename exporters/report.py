@@ -22,7 +22,7 @@ def gate_tables(results: Iterable[VariantGates], title: str = "Gates") -> list[T
     """Two tables, one row per variant: parity with the verdict, then latency."""
     results = list(results)
     parity = Table(title=f"{title}: parity", title_justify="left")
-    for column in ("variant", "raw MSE", "max abs", "cosine", "boxes ref/new", "matched ref/new", "result"):
+    for column in ("variant", "raw vs", "raw MSE", "max abs", "cosine", "boxes ref/new", "matched ref/new", "result"):
         parity.add_column(column, justify="left" if column in ("variant", "result") else "right")
     latency = Table(title=f"{title}: latency", title_justify="left")
     for column in ("variant", "timer", "threads", "batch", "p50 ms", "p90 ms", "p99 ms", "mean ms", "FPS", "budget ms"):
@@ -33,6 +33,7 @@ def gate_tables(results: Iterable[VariantGates], title: str = "Gates") -> list[T
         verdict = _verdict(g.passed) + ("" if g.passed else f" ({', '.join(failures)})")
         parity.add_row(
             g.variant,
+            f"eager {raw.reference}",
             f"{raw.mse:.2e}" + ("" if raw.judged else " (info)"),
             f"{raw.max_abs:.2e}",
             f"{raw.cosine:.6f}",

@@ -205,9 +205,12 @@ def test_cuda_variants_export_and_pass_their_gates(trained_detector: Path, scene
     )
     manifest = result.manifest
     assert set(manifest.variants) == {"cpu-fp32", "cuda-fp32", "cuda-fp16"}
-    assert result.passed, {k: g.failures() for k, g in manifest.gates.items()}
+    assert result.passed, {k: (g.failures(), g.raw_parity, g.detection_parity) for k, g in manifest.gates.items()}
     fp16 = manifest.gates["cuda-fp16"]
     assert not fp16.raw_parity.judged and fp16.detection_parity.passed
+    assert manifest.golden.reference_devices == ["cpu", "cuda"]
+    assert manifest.gates["cuda-fp32"].raw_parity.reference == "cuda"
+    assert manifest.gates["cpu-fp32"].raw_parity.reference == "cpu"
     for name in ("cuda-fp32", "cuda-fp16"):
         gates = manifest.gates[name]
         assert gates.latency.stats[0].timer == "cuda-events"

@@ -107,3 +107,27 @@ def test_golden_round_trip(tmp_path: Path) -> None:
     np.testing.assert_array_equal(loaded.detections[2].boxes, golden.detections[2].boxes)
     assert loaded.detections[0].class_ids.tolist() == [1]
     assert loaded.reference_count == 3
+    assert loaded.outputs_cuda is None
+
+
+def test_cuda_variants_are_compared_with_the_cuda_reference_when_there_is_one(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    cpu = rng.random((2, 6, 4), dtype=np.float32)
+    cuda = cpu + np.float32(1e-3)
+    golden = Golden(
+        inputs=rng.random((2, 3, 8, 8), dtype=np.float32),
+        input_names=("a", "b"),
+        outputs=cpu,
+        detections=(_dets([], []), _dets([], [])),
+        outputs_cuda=cuda,
+    )
+    path = tmp_path / "golden.npz"
+    golden.save(path)
+    loaded = Golden.load(path)
+    assert loaded.outputs_cuda is not None
+    np.testing.assert_array_equal(loaded.outputs_cuda, cuda)
+    assert loaded.raw_reference("cuda")[1] == "cuda"
+    np.testing.assert_array_equal(loaded.raw_reference("cuda")[0], cuda)
+    assert loaded.raw_reference("cpu")[1] == "cpu"
+    without = Golden(inputs=golden.inputs, input_names=("a", "b"), outputs=cpu, detections=golden.detections)
+    assert without.raw_reference("cuda")[1] == "cpu"  # older bundles: fall back to the CPU reference
