@@ -121,20 +121,23 @@ def build_golden(
     cuda_reference: bool = False,
 ) -> Golden:
     """Letterbox the sample and user images, add seeded noise, and record the eager fp32 model's answers:
-    on the CPU always, and on CUDA too when ``cuda_reference`` (for the CUDA variants' raw parity)."""
+    on the CPU always, and on CUDA too when ``cuda_reference`` (for the CUDA variants' raw parity). The eager
+    model runs at the variants' batch size, since kernels may be chosen, and round, differently per shape."""
     images = [*yolo.sample_images(), *request.golden_images]
     boxed = [letterbox(read_image(path), request.imgsz)[0] for path in images]
     names = [path.name for path in images] + [f"noise-{k}" for k in range(request.noise_inputs)]
     inputs = stack_inputs([to_input_array(boxed), noise_inputs(request.noise_inputs, request.imgsz, request.seed)])
     eager = yolo.eager_model(detector)
-    outputs = run_batched(lambda x: first_tensor(eager(x)), inputs, device="cpu", dtype=torch.float32, batch=4)
+    outputs = run_batched(
+        lambda x: first_tensor(eager(x)), inputs, device="cpu", dtype=torch.float32, batch=request.batch
+    )
     detections = decode(outputs, conf=thresholds.conf, iou=thresholds.nms_iou, max_det=thresholds.max_det)
     outputs_cuda = None
     if cuda_reference:
         eager_cuda = eager.to("cuda:0")
         with strict_fp32():
             outputs_cuda = run_batched(
-                lambda x: first_tensor(eager_cuda(x)), inputs, device="cuda:0", dtype=torch.float32, batch=4
+                lambda x: first_tensor(eager_cuda(x)), inputs, device="cuda:0", dtype=torch.float32, batch=request.batch
             )
         del eager_cuda
         torch.cuda.empty_cache()
