@@ -208,13 +208,15 @@ def export_bundle(request: ExportRequest, progress: Progress | None = None) -> E
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
     try:
-        result = _export_into(staging, request, detector, made, skipped, fingerprint, thresholds, say)
+        manifest, export_s, gate_s = _export_into(
+            staging, request, detector, made, skipped, fingerprint, thresholds, say
+        )
         _finish_dir(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     say(f"bundle written to {out}")
-    return ExportResult(bundle_dir=out, manifest=result[0], export_s=result[1], gate_s=result[2])
+    return ExportResult(bundle_dir=out, manifest=manifest, export_s=export_s, gate_s=gate_s)
 
 
 def _export_into(
@@ -240,7 +242,6 @@ def _export_into(
     gates: dict[str, VariantGates] = {}
     export_s: dict[str, float] = {}
     gate_s: dict[str, float] = {}
-    draft = _manifest(request, detector, fingerprint, variants, skipped, golden, thresholds, gates={}, files={})
     for index, (name, variant) in enumerate(variants.items(), start=1):
         say(f"[{index}/{len(variants)}] exporting {name} (traced on {variant.device}, {variant.dtype})")
         t0 = time.perf_counter()
@@ -258,9 +259,9 @@ def _export_into(
         t0 = time.perf_counter()
         gates[name] = gate_variant(
             staging,
-            draft,
             variant,
             golden,
+            thresholds=thresholds,
             fingerprint=fingerprint,
             latency_budget_ms=request.latency_budget_ms,
             progress=say,

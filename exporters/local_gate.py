@@ -17,7 +17,7 @@ import torch
 from exporters.bundle import Manifest, Variant, load_verified, safe_join
 from exporters.errors import DeviceError, ExportArgumentError
 from exporters.fingerprint import Fingerprint, check_compatible, collect, cuda_usable
-from exporters.gates import Progress, VariantGates, run_gates
+from exporters.gates import GateThresholds, Progress, VariantGates, run_gates
 from exporters.golden import Golden
 from exporters.runtime import load_torchscript
 
@@ -35,10 +35,10 @@ def runnable_variants(manifest: Manifest, device: Literal["cpu", "cuda"]) -> lis
 
 def gate_variant(
     bundle_dir: Path,
-    manifest: Manifest,
     variant: Variant,
     golden: Golden,
     *,
+    thresholds: GateThresholds,
     fingerprint: Fingerprint,
     latency_budget_ms: float | None,
     progress: Progress | None = None,
@@ -58,7 +58,7 @@ def gate_variant(
         device=device,
         dtype=TORCH_DTYPES[variant.dtype],
         batch=variant.batch,
-        thresholds=manifest.thresholds,
+        thresholds=thresholds,
         latency_budget_ms=latency_budget_ms,
         measured_on=fingerprint.summary(),
         memory_baseline_bytes=baseline_bytes,
@@ -105,7 +105,13 @@ def gate_bundle(
     budget = latency_budget_ms if latency_budget_ms is not None else manifest.latency_budget_ms
     results = [
         gate_variant(
-            bundle_dir, manifest, v, golden, fingerprint=fingerprint, latency_budget_ms=budget, progress=progress
+            bundle_dir,
+            v,
+            golden,
+            thresholds=manifest.thresholds,
+            fingerprint=fingerprint,
+            latency_budget_ms=budget,
+            progress=progress,
         )
         for v in chosen
     ]
