@@ -10,7 +10,9 @@ Callers catch by kind; every error says whether trying again can help (``retryab
     ├── BundleError              a bundle that cannot be trusted or read
     │   ├── BundleIntegrityError a listed file is missing, or its size or sha256 differs from the manifest
     │   ├── UnsafePathError      a manifest path that leaves the bundle directory
-    │   └── ManifestError        manifest.json missing or not valid
+    │   ├── ManifestError        manifest.json missing or not valid
+    │   └── SignatureError       manifest.sig missing where required, malformed, or not matching the key
+    ├── KeyFileError             a key file missing, unreadable, of the wrong kind, or about to be overwritten
     └── DeviceError              the asked-for device is not usable here (e.g. --device cuda without CUDA)
 """
 
@@ -55,6 +57,14 @@ class UnsafePathError(BundleError):
 
 class ManifestError(BundleError):
     """``manifest.json`` is missing or does not validate."""
+
+
+class SignatureError(BundleError):
+    """The manifest's signature is missing where required, malformed, or does not verify."""
+
+
+class KeyFileError(ExportError):
+    """A signing or public key file cannot be used."""
 
 
 class DeviceError(ExportError):

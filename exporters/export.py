@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from exporters import yolo
+from exporters import signing, yolo
 from exporters.bundle import (
     GOLDEN_NAME,
     VARIANT_NAMES,
@@ -62,6 +62,7 @@ class ExportRequest:
     noise_inputs: int = 2
     seed: int = 0
     thresholds: GateThresholds = field(default_factory=GateThresholds)
+    signing_key: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,8 @@ class ExportResult:
     manifest: Manifest
     export_s: dict[str, float]
     gate_s: dict[str, float]
+
+    signed: bool
 
     @property
     def passed(self) -> bool:
@@ -189,9 +192,11 @@ def _finish_dir(staging: Path, out: Path) -> None:
 
 
 def export_bundle(request: ExportRequest, progress: Progress | None = None) -> ExportResult:
-    """Export, gate and write a bundle; see the module docstring."""
+    """Export, gate, sign (with ``request.signing_key``) and write a bundle; see the module docstring."""
     say = progress or (lambda _msg: None)
     _check_request(request)
+    # Read the key before minutes of work, so a wrong path fails at once.
+    private_key = signing.load_private_key(request.signing_key) if request.signing_key else None
     say(f"loading {request.model}")
     detector = yolo.load_detector(request.model)
     yolo.check_imgsz(detector, request.imgsz)
@@ -211,12 +216,17 @@ def export_bundle(request: ExportRequest, progress: Progress | None = None) -> E
         manifest, export_s, gate_s = _export_into(
             staging, request, detector, made, skipped, fingerprint, thresholds, say
         )
+        if private_key is not None:
+            signing.sign_bundle(staging, private_key)
+            say("manifest signed (manifest.sig)")
         _finish_dir(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     say(f"bundle written to {out}")
-    return ExportResult(bundle_dir=out, manifest=manifest, export_s=export_s, gate_s=gate_s)
+    return ExportResult(
+        bundle_dir=out, manifest=manifest, export_s=export_s, gate_s=gate_s, signed=private_key is not None
+    )
 
 
 def _export_into(

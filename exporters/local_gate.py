@@ -72,15 +72,21 @@ def gate_bundle(
     device: Literal["cpu", "cuda", "auto"],
     variants: list[str] | None = None,
     latency_budget_ms: float | None = None,
+    public_key: Path | None = None,
     progress: Progress | None = None,
 ) -> tuple[Manifest, list[VariantGates]]:
     """Verify ``bundle_dir`` and gate its variants for ``device`` on this machine (``auto``: the CUDA variants
     when CUDA works and the bundle has some, else the CPU ones).
 
-    The budget defaults to the one recorded at export. Raises ``BundleError`` for a missing or altered file,
+    The budget defaults to the one recorded at export. With ``public_key``, the bundle must carry a valid
+    signature (``SignatureError`` otherwise). Raises ``BundleError`` for a missing or altered file,
     ``DeviceError`` when CUDA is asked for and does not work, ``ExportArgumentError`` for an unknown variant.
     """
     manifest = load_verified(bundle_dir)
+    if public_key is not None:
+        from exporters.signing import load_public_key, verify_bundle_signature
+
+        verify_bundle_signature(bundle_dir, load_public_key(public_key))
     if device == "auto":
         device = "cuda" if cuda_usable() and runnable_variants(manifest, "cuda") else "cpu"
     if device == "cuda" and not cuda_usable():

@@ -17,6 +17,7 @@ LIGHT = (
     "exporters.preprocess",
     "exporters.report",
     "exporters.runtime",
+    "exporters.signing",
     "yolo_ota.cli",
 )
 

@@ -24,6 +24,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+keys_app = typer.Typer(help="Manage the ed25519 keys that sign bundles.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
 # Piped output (CI logs, files) gets room for the gate tables instead of rich's 80-column default.
 console = Console(highlight=False, width=None if os.isatty(1) else 120)
 err_console = Console(stderr=True, highlight=False, width=None if os.isatty(2) else 120)
@@ -88,6 +90,9 @@ def export(
     ] = None,
     noise_inputs: Annotated[int, typer.Option(help="Seeded noise inputs added to the golden data.")] = 2,
     force: Annotated[bool, typer.Option(help="Replace a non-empty output directory.")] = False,
+    signing_key: Annotated[
+        Path | None, typer.Option(help="ed25519 private key (PEM) to sign the manifest with (writes manifest.sig).")
+    ] = None,
 ) -> None:
     """Export MODEL to a TorchScript bundle per variant, gate every variant, and write the manifest."""
     from exporters.errors import ExportError
@@ -105,6 +110,7 @@ def export(
         force=force,
         golden_images=tuple(golden_images or ()),
         noise_inputs=noise_inputs,
+        signing_key=signing_key,
     )
     try:
         result = export_bundle(request, progress=_progress)
@@ -118,7 +124,8 @@ def export(
     for skipped, reason in result.manifest.skipped_variants.items():
         console.print(f"skipped {skipped}: {reason}")
     verdict = "passed" if result.passed else "FAILED (bundle written, marked failed)"
-    console.print(f"bundle {result.bundle_dir}: gates {verdict}")
+    signed = "signed" if result.signed else "unsigned"
+    console.print(f"bundle {result.bundle_dir} ({signed}): gates {verdict}")
     if not result.passed:
         raise typer.Exit(EXIT_GATE_FAILED)
 
@@ -132,6 +139,9 @@ def gate(
     variant: Annotated[list[str] | None, typer.Option("--variant", help="Gate only this variant (repeatable).")] = None,
     latency_budget_ms: Annotated[
         float | None, typer.Option(help="Budget to judge by (default: the one recorded at export).")
+    ] = None,
+    public_key: Annotated[
+        Path | None, typer.Option(help="ed25519 public key (PEM): refuse a bundle that is unsigned or badly signed.")
     ] = None,
 ) -> None:
     """Re-run a bundle's gates on this machine against its golden data (what a device does before a swap)."""
@@ -147,6 +157,7 @@ def gate(
             device="cuda" if device == "cuda" else "cpu" if device == "cpu" else "auto",
             variants=list(variant or []) or None,
             latency_budget_ms=latency_budget_ms,
+            public_key=public_key,
             progress=_progress,
         )
     except ExportError as exc:
@@ -165,14 +176,19 @@ def gate(
 def inspect(
     bundle: Annotated[Path, typer.Argument(help="Bundle directory.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the verified manifest as JSON.")] = False,
+    public_key: Annotated[
+        Path | None, typer.Option(help="ed25519 public key (PEM): check the signature, refuse an unsigned bundle.")
+    ] = None,
 ) -> None:
-    """Verify a bundle's files and print its manifest as tables."""
+    """Verify a bundle's files (and signature, with --public-key) and print its manifest as tables."""
     from exporters.bundle import load_verified
     from exporters.errors import ExportError
     from exporters.report import files_table, gate_tables, manifest_table
+    from exporters.signing import load_public_key, verify_bundle_signature
 
     try:
         manifest = load_verified(bundle)
+        status = verify_bundle_signature(bundle, load_public_key(public_key) if public_key else None)
     except ExportError as exc:
         raise _fail(str(exc)) from None
     if as_json:
@@ -181,7 +197,23 @@ def inspect(
     console.print(manifest_table(manifest))
     _print_tables(gate_tables(manifest.gates.values(), title="Gates recorded at export"))
     console.print(files_table(manifest))
-    console.print("all files verified against the manifest")
+    console.print(f"all files verified against the manifest; signature: {status.value}")
+
+
+@keys_app.command("generate")
+def keys_generate(
+    directory: Annotated[Path, typer.Argument(help="Folder for signing-key.pem (mode 0600) and public-key.pem.")],
+    force: Annotated[bool, typer.Option(help="Overwrite keys already in DIRECTORY.")] = False,
+) -> None:
+    """Make a new ed25519 key pair for signing bundles."""
+    from exporters.errors import ExportError
+    from exporters.signing import generate_keypair
+
+    try:
+        private_path, public_path = generate_keypair(directory, overwrite=force)
+    except ExportError as exc:
+        raise _fail(str(exc)) from None
+    console.print(f"signing key: {private_path} (keep it secret)\npublic key:  {public_path} (give it to devices)")
 
 
 def main() -> None:
