@@ -14,7 +14,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ os.environ["YOLO_OFFLINE"] = "true"
 os.environ["YOLO_CONFIG_DIR"] = _CONFIG_DIR
 
 import torch  # noqa: E402
+from servers import RunningServer, start_mlflow  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_RECIPE: dict[str, Any] = {"config": "yolov8n.yaml", "epochs": 25, "train_images": 256, "imgsz": 160, "seed": 0}
@@ -129,3 +130,11 @@ CliRun = Callable[..., subprocess.CompletedProcess[str]]
 def cli() -> CliRun:
     """The real console command, run in a subprocess."""
     return run_cli
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """A real MLflow tracking server: SQLite backend, artifacts served (proxied) from a local folder."""
+    server = start_mlflow(tmp_path_factory.mktemp("mlflow"))
+    yield server
+    server.stop()

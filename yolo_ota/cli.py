@@ -10,12 +10,15 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
+
+if TYPE_CHECKING:
+    from registry.mlflow_gateway import MlflowGateway
 
 app = typer.Typer(
     name="yolo-ota",
@@ -198,6 +201,115 @@ def inspect(
     _print_tables(gate_tables(manifest.gates.values(), title="Gates recorded at export"))
     console.print(files_table(manifest))
     console.print(f"all files verified against the manifest; signature: {status.value}")
+
+
+TrackingUri = Annotated[
+    str,
+    typer.Option(
+        "--tracking-uri",
+        envvar="YOLO_OTA_MLFLOW_URI",
+        help="MLflow tracking server URL (or YOLO_OTA_MLFLOW_URI).",
+        show_default=False,
+    ),
+]
+
+
+def _gateway(tracking_uri: str) -> MlflowGateway:
+    from registry.mlflow_gateway import MlflowGateway
+
+    gateway = MlflowGateway(tracking_uri)
+    # After MLflow's import, which sets its own level: the command prints its own result, and an unreachable
+    # server is reported once, as the error line, not as one warning per retry.
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    logging.getLogger("urllib3").setLevel(logging.ERROR)
+    return gateway
+
+
+@app.command()
+def register(
+    bundle: Annotated[Path, typer.Argument(help="Bundle directory to register.")],
+    name: Annotated[str, typer.Option("--name", help="Registered model name (one per product line).")],
+    tracking_uri: TrackingUri = "",
+    experiment: Annotated[str, typer.Option(help="MLflow experiment for the bundle's run.")] = "yolo-ota",
+    signing_key: Annotated[
+        Path | None, typer.Option(help="Sign the manifest (writes manifest.sig into BUNDLE) before registering.")
+    ] = None,
+) -> None:
+    """Verify BUNDLE and register it in MLflow as a new version of NAME; prints the version number on stdout."""
+    from exporters.errors import ExportError
+    from registry.errors import RegistryError
+
+    try:
+        if signing_key is not None:
+            from exporters.bundle import load_verified
+            from exporters.signing import load_private_key, sign_bundle
+
+            load_verified(bundle)
+            sign_bundle(bundle, load_private_key(signing_key))
+        registration = _gateway(tracking_uri).register_bundle(bundle, name, experiment=experiment)
+    except (ExportError, RegistryError) as exc:
+        raise _fail(str(exc)) from None
+    version = registration.version
+    # The human line goes to stderr, the bare version number to stdout: VERSION=$(yolo-ota register ...).
+    err_console.print(
+        f"registered {bundle} as {name} version {version.version} (gates {version.gates}, "
+        f"signed {version.tags.get('ota.signed', 'false')}, run {registration.run_id})",
+        soft_wrap=True,
+        markup=False,
+    )
+    console.print(version.version, markup=False)
+
+
+@app.command()
+def versions(
+    name: Annotated[str, typer.Argument(help="Registered model name.")],
+    tracking_uri: TrackingUri = "",
+) -> None:
+    """List the versions of NAME with aliases, gates, variants and fingerprint summary."""
+    from registry.errors import RegistryError
+
+    try:
+        found = _gateway(tracking_uri).list_versions(name)
+    except RegistryError as exc:
+        raise _fail(str(exc)) from None
+    table = Table(title=f"Versions of {name}", title_justify="left")
+    for column in ("version", "aliases", "gates", "signed", "variants", "exported on", "forced"):
+        table.add_column(column)
+    for v in found:
+        tags = v.tags
+        gpu = tags.get("ota.fp.gpu_name") or "no GPU"
+        exported_on = f"torch {tags.get('ota.fp.torch', '?')}, CUDA {tags.get('ota.fp.cuda_runtime') or '-'}, {gpu}"
+        table.add_row(
+            v.version,
+            ", ".join(v.aliases) or "-",
+            v.gates,
+            tags.get("ota.signed", "-"),
+            tags.get("ota.variants", "-"),
+            exported_on,
+            tags.get("ota.forced", "-"),
+        )
+    console.print(table)
+
+
+@app.command()
+def promote(
+    name: Annotated[str, typer.Argument(help="Registered model name.")],
+    version: Annotated[str, typer.Argument(help="Version to promote.")],
+    alias: Annotated[str, typer.Option(help="Alias to set.")] = "production",
+    force: Annotated[
+        bool, typer.Option(help="Promote even though the gates did not pass (recorded as ota.forced).")
+    ] = False,
+    tracking_uri: TrackingUri = "",
+) -> None:
+    """Point ALIAS (production) of NAME at VERSION; refuses a version whose gates did not pass."""
+    from registry.errors import RegistryError
+
+    try:
+        info = _gateway(tracking_uri).promote(name, version, alias=alias, force=force)
+    except RegistryError as exc:
+        raise _fail(str(exc)) from None
+    forced = " (forced past failed gates)" if force and info.gates != "pass" else ""
+    console.print(f"{name}: alias {alias} -> version {info.version}{forced}")
 
 
 @keys_app.command("generate")
