@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 LIGHT = (
     "exporters.bundle",
@@ -35,14 +36,19 @@ def test_light_modules_do_not_import_ultralytics() -> None:
     assert done.stdout.strip() == "", f"light modules imported {done.stdout.strip()}"
 
 
-def test_only_the_yolo_module_imports_ultralytics() -> None:
-    from pathlib import Path
-
+def _importers(library: str) -> list[str]:
     root = Path(__file__).resolve().parents[1]
-    importers = sorted(
+    return sorted(
         str(path.relative_to(root))
         for package in ("exporters", "registry", "edge_agent", "yolo_ota")
         for path in (root / package).rglob("*.py")
-        if re.search(r"^\s*(import|from) ultralytics\b", path.read_text(), flags=re.MULTILINE)
+        if re.search(rf"^\s*(import|from) {library}\b", path.read_text(), flags=re.MULTILINE)
     )
-    assert importers == ["exporters/yolo.py"]
+
+
+def test_only_the_yolo_module_imports_ultralytics() -> None:
+    assert _importers("ultralytics") == ["exporters/yolo.py"]
+
+
+def test_only_the_gateway_imports_mlflow() -> None:
+    assert _importers("mlflow") == ["registry/mlflow_gateway.py"]
