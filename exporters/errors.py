@@ -71,9 +71,13 @@ class DeviceError(ExportError):
     """The requested device cannot be used on this machine."""
 
 
+def flatten(text: str, max_chars: int = 300) -> str:
+    """Any message as one line of at most ``max_chars`` characters."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= max_chars else flat[: max_chars - 3] + "..."
+
+
 def one_line(exc: BaseException, max_chars: int = 300) -> str:
     """A foreign exception's message as one short line (Ultralytics' messages span lines and carry emoji)."""
-    text = re.sub(r"\s+", " ", str(exc)).strip()
-    text = re.sub(r"^(ERROR|WARNING)\W*", "", text).strip()
-    text = text or type(exc).__name__
-    return text if len(text) <= max_chars else text[: max_chars - 3] + "..."
+    text = re.sub(r"^(ERROR|WARNING)\W*", "", " ".join(str(exc).split()))
+    return flatten(text or type(exc).__name__, max_chars)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from exporters.bundle import MANIFEST_NAME, SIGNATURE_NAME, Manifest, load_verified
+from exporters.errors import flatten
 from exporters.report import gate_tables
 from registry import tags as ota
 from registry.errors import (
@@ -94,7 +95,7 @@ def _translated(what: str, tracking_uri: str) -> Iterator[None]:
         raise
     except MlflowException as exc:
         code = str(getattr(exc, "error_code", ""))
-        message = str(exc.message if hasattr(exc, "message") else exc).splitlines()[0][:300]
+        message = flatten(str(exc.message if hasattr(exc, "message") else exc))
         if code in _NOT_FOUND_CODES:
             raise RegistryNotFoundError(f"{what}: {message}") from exc
         if "Max retries exceeded" in message or "Connection" in message or code in ("TEMPORARILY_UNAVAILABLE",):

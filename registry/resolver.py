@@ -26,6 +26,7 @@ import httpx
 from pydantic import ValidationError
 
 from exporters.bundle import MANIFEST_NAME, SIGNATURE_NAME, Manifest
+from exporters.errors import flatten
 from registry.errors import (
     ManifestMismatchError,
     RegistryNotFoundError,
@@ -45,7 +46,6 @@ _MAX_MANIFEST_BYTES = 8 << 20  # a manifest is a few kB; refuse to buffer anythi
 _MAX_ANSWER_BYTES = 32 << 20  # REST answers here are single objects of a few kB
 _BACKOFF_S = 0.25
 _MAX_BACKOFF_S = 2.0
-_MAX_MESSAGE_CHARS = 300
 _MAX_SOURCE_HOPS = 4  # runs:/ and models:/ indirections followed before giving up on a loop
 
 
@@ -276,7 +276,7 @@ class BundleResolver:
             raise answer.client_error(what)
         tries = self.max_retries + 1
         raise RegistryUnavailableError(
-            _one_line(f"{what}: MLflow at {self.mlflow_url} did not answer after {tries} tries ({failure})")
+            flatten(f"{what}: MLflow at {self.mlflow_url} did not answer after {tries} tries ({failure})")
         )
 
     def _fetch(self, url: str, params: dict[str, str] | None, max_bytes: int, what: str) -> _Answer:
@@ -321,13 +321,8 @@ class _Answer:
             or (code == "INVALID_PARAMETER_VALUE" and "not found" in message.lower())
         )
         if not_found:
-            return RegistryNotFoundError(_one_line(f"{what}: not found ({message})"))
-        return RegistryRequestError(_one_line(f"{what}: MLflow refused the request (HTTP {self.status}: {message})"))
-
-
-def _one_line(message: str) -> str:
-    flat = " ".join(message.split())
-    return flat if len(flat) <= _MAX_MESSAGE_CHARS else flat[: _MAX_MESSAGE_CHARS - 3] + "..."
+            return RegistryNotFoundError(flatten(f"{what}: not found ({message})"))
+        return RegistryRequestError(flatten(f"{what}: MLflow refused the request (HTTP {self.status}: {message})"))
 
 
 def _quote_path(segments: list[str]) -> str:
@@ -349,13 +344,13 @@ def _parse_manifest(manifest_bytes: bytes, what: str) -> Manifest:
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first["loc"])
         raise ManifestMismatchError(
-            _one_line(f"{MANIFEST_NAME} of {what} is not valid: {where}: {first['msg']}")
+            flatten(f"{MANIFEST_NAME} of {what} is not valid: {where}: {first['msg']}")
         ) from None
     for path in manifest.files:
         try:
             _safe_relative(path)
         except RegistryRequestError:
             raise ManifestMismatchError(
-                _one_line(f"{MANIFEST_NAME} of {what} lists {path!r}, a path that leaves the bundle: refused")
+                flatten(f"{MANIFEST_NAME} of {what} lists {path!r}, a path that leaves the bundle: refused")
             ) from None
     return manifest
