@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from exporters.errors import BundleIntegrityError, ManifestError, UnsafePathError
 from exporters.fingerprint import Fingerprint
-from exporters.gates import GateThresholds, VariantGates
+from exporters.gate_report import GateThresholds, VariantGates
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"

@@ -1,6 +1,7 @@
 """The environment fingerprint: what a model was exported and gated on, and what a device can run.
 
-Light module: torch and pydantic only. Package versions are read from installed metadata, so asking for the
+Light module: pydantic at import, torch only when a fingerprint is collected (so readers of manifests, such as
+the rollout service, never load torch). Package versions are read from installed metadata, so asking for the
 ultralytics version does not import ultralytics.
 """
 
@@ -13,7 +14,6 @@ import subprocess
 from importlib import metadata
 from pathlib import Path
 
-import torch
 from pydantic import BaseModel, ConfigDict
 
 
@@ -87,6 +87,8 @@ def _cudnn_text(version: int | None) -> str | None:
 
 def cuda_usable() -> bool:
     """True when a CUDA device is present and a tiny kernel actually runs on it."""
+    import torch
+
     if not torch.cuda.is_available():
         return False
     try:
@@ -98,6 +100,8 @@ def cuda_usable() -> bool:
 
 def collect(device_index: int = 0) -> Fingerprint:
     """Read the fingerprint of this machine (GPU fields describe CUDA device ``device_index`` when usable)."""
+    import torch  # here, not at the top: readers of manifests (the rollout service) never load torch
+
     gpu_name = gpu_capability = None
     gpu_memory: int | None = None
     driver = None

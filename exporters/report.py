@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from rich.table import Table
 
 from exporters.bundle import Manifest
-from exporters.gates import VariantGates
+from exporters.gate_report import VariantGates
 
 
 def _verdict(passed: bool) -> str:

@@ -162,6 +162,31 @@ class MlflowGateway:
             )
         return self._version_info(found[0]) if found else None
 
+    def aliases(self, models: list[str] | None = None) -> dict[str, dict[str, str]]:
+        """``{model: {alias: version}}`` for ``models``, or for every registered model when None."""
+        from mlflow.exceptions import MlflowException
+
+        found: dict[str, dict[str, str]] = {}
+        with _translated("registered models", self.tracking_uri):
+            if models:
+                for name in models:
+                    try:
+                        registered = self._client.get_registered_model(name)
+                    except MlflowException as exc:  # an unknown watched model is not an error: it may come later
+                        if str(getattr(exc, "error_code", "")) in _NOT_FOUND_CODES:
+                            continue
+                        raise
+                    found[name] = {a: str(v) for a, v in (registered.aliases or {}).items()}
+                return found
+            token: str | None = None
+            while True:
+                page = self._client.search_registered_models(max_results=200, page_token=token)
+                for registered in page:
+                    found[registered.name] = {a: str(v) for a, v in (registered.aliases or {}).items()}
+                token = page.token
+                if not token:
+                    return found
+
     # -- writing ---------------------------------------------------------------------------------------------
 
     def register_bundle(self, bundle_dir: Path, model: str, *, experiment: str = DEFAULT_EXPERIMENT) -> Registration:
@@ -226,6 +251,30 @@ class MlflowGateway:
     def set_version_tag(self, model: str, version: str, key: str, value: str) -> None:
         with _translated(f"tagging version {version} of {model}", self.tracking_uri):
             self._client.set_model_version_tag(model, version, key, value)
+
+    def ensure_webhook(self, name: str, url: str, secret: str, events: tuple[str, ...]) -> str:
+        """Create the webhook ``name`` calling ``url`` on ``events``, or bring an existing one up to date.
+
+        Returns its id. The secret is re-set every time, since MLflow never shows a stored one.
+        """
+        hook_events: list[Any] = list(events)  # MLflow types these as literals of its own
+        with _translated(f"webhook {name}", self.tracking_uri):
+            token: str | None = None
+            while True:
+                page = self._client.list_webhooks(max_results=100, page_token=token)
+                for hook in page:
+                    if hook.name == name:
+                        self._client.update_webhook(
+                            hook.webhook_id, url=url, events=hook_events, secret=secret, status="ACTIVE"
+                        )
+                        log.info("webhook %s updated: %s on %s", name, url, ",".join(events))
+                        return str(hook.webhook_id)
+                token = page.token
+                if not token:
+                    break
+            hook = self._client.create_webhook(name=name, url=url, events=hook_events, secret=secret)
+        log.info("webhook %s created: %s on %s", name, url, ",".join(events))
+        return str(hook.webhook_id)
 
     def _ensure_model(self, model: str) -> None:
         from mlflow.exceptions import MlflowException

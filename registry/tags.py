@@ -109,3 +109,6 @@ def run_params(manifest: Manifest) -> dict[str, str]:
         }
     )
     return params
+
+
+ROLLOUT_TAG = "ota.rollout"  # written by the rollout service: the rollout a promotion started, or why it refused

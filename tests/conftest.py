@@ -27,7 +27,13 @@ os.environ["YOLO_OFFLINE"] = "true"
 os.environ["YOLO_CONFIG_DIR"] = _CONFIG_DIR
 
 import torch  # noqa: E402
-from servers import RunningServer, start_mlflow  # noqa: E402
+from servers import (  # noqa: E402
+    RunningServer,
+    create_postgres_database,
+    drop_postgres_database,
+    postgres_reachable,
+    start_mlflow,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_RECIPE: dict[str, Any] = {"config": "yolov8n.yaml", "epochs": 25, "train_images": 256, "imgsz": 160, "seed": 0}
@@ -138,3 +144,45 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningS
     server = start_mlflow(tmp_path_factory.mktemp("mlflow"))
     yield server
     server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, empty database for one rollout-service test: SQLite in tmp_path, or PostgreSQL when reachable."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'rollouts.db'}"
+        return
+    if not postgres_reachable():
+        pytest.skip("PostgreSQL is not reachable at 127.0.0.1:5432")
+    name = "yolo_ota_" + hashlib.sha256(request.node.nodeid.encode()).hexdigest()[:12]
+    url = create_postgres_database(name)
+    yield url
+    drop_postgres_database(name)
+
+
+@pytest.fixture(scope="session")
+def fleet_model(mlflow_server: RunningServer, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Registered model ``pcb-line`` in the session's MLflow: versions 1 and 2 pass their gates, 3 fails them.
+
+    Small random-weight YOLOv8n bundles at 64 px (cpu-fp32): what the rollout service reads of them is the same.
+    """
+    from exporters.export import ExportRequest, export_bundle
+    from registry.mlflow_gateway import MlflowGateway
+
+    gateway = MlflowGateway(mlflow_server.url)
+    versions: dict[str, str] = {"model": "pcb-line"}
+    for key, budget_ms in (("good", None), ("better", None), ("failed", 0.001)):
+        out = tmp_path_factory.mktemp("fleet") / key
+        result = export_bundle(
+            ExportRequest(
+                model="yolov8n.yaml",
+                out_dir=out,
+                imgsz=(64, 64),
+                variants=("cpu-fp32",),
+                name=f"pcb-line-{key}",
+                latency_budget_ms=budget_ms,
+            )
+        )
+        assert result.passed == (budget_ms is None)
+        versions[key] = gateway.register_bundle(out, "pcb-line").version.version
+    return versions

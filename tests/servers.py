@@ -1,4 +1,4 @@
-"""Real servers on loopback for the tests: MLflow tracking servers (and, later, the rollout service).
+"""Real servers on loopback for the tests: MLflow tracking servers, the rollout service, PostgreSQL databases.
 
 Each server is a subprocess with its own data folder, started on a free port and waited for on its health
 endpoint; ``stop`` ends it and its children.
@@ -70,6 +70,7 @@ def mlflow_env(extra: dict[str, str] | None = None) -> dict[str, str]:
         "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https",
         "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
         "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY": WEBHOOK_KEY,
+        "MLFLOW_WEBHOOK_CACHE_TTL": "1",  # a webhook registered by a test's service is called within a second
     }
     env.update(extra or {})
     return env
@@ -115,3 +116,85 @@ def start_mlflow(
     server = RunningServer(url=f"http://127.0.0.1:{port}", process=process, log_path=log_path)
     _wait_healthy(server, "/health", timeout_s)
     return server
+
+
+OPERATOR_TOKEN = "test-operator-token"
+ENROLLMENT_TOKEN = "test-enrollment-token"
+WEBHOOK_SECRET = "test-webhook-secret"
+
+
+def start_rollout_service(
+    data_dir: Path,
+    *,
+    database_url: str | None = None,
+    mlflow_url: str | None = None,
+    settings: dict[str, str] | None = None,
+    port: int | None = None,
+    timeout_s: float = 60,
+) -> RunningServer:
+    """Start ``yolo-ota server`` (uvicorn) on a free loopback port with test tokens and fast loops.
+
+    ``settings`` are extra ``YOLO_OTA_*`` variables, without the prefix (e.g. ``{"SCHEDULER_INTERVAL_S": "0.2"}``).
+    """
+    data_dir.mkdir(parents=True, exist_ok=True)
+    port = port or free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("YOLO_OTA_")}
+    env.update(
+        {
+            "YOLO_OTA_DATA_DIR": str(data_dir),
+            "YOLO_OTA_OPERATOR_TOKENS": f"tester={OPERATOR_TOKEN}",
+            "YOLO_OTA_ENROLLMENT_TOKEN": ENROLLMENT_TOKEN,
+            "YOLO_OTA_WEBHOOK_SECRET": WEBHOOK_SECRET,
+            "YOLO_OTA_SCHEDULER_INTERVAL_S": "0.25",
+            "YOLO_OTA_ALIAS_POLL_INTERVAL_S": "1",
+            "YOLO_OTA_STATE_CHECK_INTERVAL_S": "0.1",
+            "YOLO_OTA_HEARTBEAT_FLUSH_S": "0.5",
+        }
+    )
+    if database_url:
+        env["YOLO_OTA_DATABASE_URL"] = database_url
+    if mlflow_url:
+        env["YOLO_OTA_MLFLOW_URI"] = mlflow_url
+        env["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    env.update({f"YOLO_OTA_{k}": v for k, v in (settings or {}).items()})
+    exe = Path(sys.executable).parent / "yolo-ota"
+    command = [str(exe), "-v", "server", "--host", "127.0.0.1", "--port", str(port)]
+    log_path = data_dir / f"service-{port}.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=data_dir, start_new_session=True
+        )
+    server = RunningServer(url=f"http://127.0.0.1:{port}", process=process, log_path=log_path)
+    _wait_healthy(server, "/healthz", timeout_s)
+    return server
+
+
+POSTGRES_ADMIN_URL = os.environ.get("YOLO_OTA_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+def postgres_reachable() -> bool:
+    try:
+        import psycopg
+
+        with psycopg.connect(POSTGRES_ADMIN_URL, connect_timeout=3):
+            return True
+    except Exception:
+        return False
+
+
+def create_postgres_database(name: str) -> str:
+    """A new, empty PostgreSQL database; returns its SQLAlchemy URL."""
+    import psycopg
+
+    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as connection:
+        connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        connection.execute(f'CREATE DATABASE "{name}"')
+    base = POSTGRES_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
+    return f"{base}/{name}"
+
+
+def drop_postgres_database(name: str) -> None:
+    import psycopg
+
+    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as connection:
+        connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -17,6 +17,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from yolo_ota.rollout_cli import rollout_app
+
 if TYPE_CHECKING:
     from registry.mlflow_gateway import MlflowGateway
 
@@ -29,6 +31,7 @@ app = typer.Typer(
 )
 keys_app = typer.Typer(help="Manage the ed25519 keys that sign bundles.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
+app.add_typer(rollout_app, name="rollout")
 # Piped output (CI logs, files) gets room for the gate tables instead of rich's 80-column default.
 console = Console(highlight=False, width=None if os.isatty(1) else 120)
 err_console = Console(stderr=True, highlight=False, width=None if os.isatty(2) else 120)
@@ -310,6 +313,46 @@ def promote(
         raise _fail(str(exc)) from None
     forced = " (forced past failed gates)" if force and info.gates != "pass" else ""
     console.print(f"{name}: alias {alias} -> version {info.version}{forced}")
+
+
+@app.command()
+def server(
+    host: Annotated[str | None, typer.Option(help="Address to listen on [env YOLO_OTA_HOST; 127.0.0.1].")] = None,
+    port: Annotated[int | None, typer.Option(help="Port [env YOLO_OTA_PORT; 8700].")] = None,
+    database_url: Annotated[
+        str | None, typer.Option(help="SQLAlchemy URL [env YOLO_OTA_DATABASE_URL; SQLite in the data dir].")
+    ] = None,
+    mlflow_uri: Annotated[str | None, typer.Option(help="MLflow tracking server [env YOLO_OTA_MLFLOW_URI].")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="Where the embedded SQLite database lives.")] = None,
+    config: Annotated[
+        Path | None, typer.Option(help="TOML file of settings, below flags and YOLO_OTA_* variables.")
+    ] = None,
+    dev: Annotated[bool, typer.Option("--dev", help="Dev mode: accept well-known tokens when none are set.")] = False,
+) -> None:
+    """Run the rollout service (REST API, wave scheduler, MLflow alias watcher) under uvicorn."""
+    import uvicorn
+
+    from registry.service.app import create_app
+    from registry.service.errors import ServiceError
+    from registry.service.settings import CONFIG_FILE_ENV, load_settings
+
+    if config is not None:
+        os.environ[CONFIG_FILE_ENV] = str(config)
+    try:
+        settings = load_settings(
+            host=host,
+            port=port,
+            database_url=database_url,
+            mlflow_uri=mlflow_uri,
+            data_dir=data_dir,
+            dev_mode=True if dev else None,
+        )
+        application = create_app(settings)
+    except ServiceError as exc:
+        raise _fail(str(exc)) from None
+    logging.getLogger("registry").setLevel(logging.INFO)
+    err_console.print(f"rollout service on http://{settings.host}:{settings.port} (OpenAPI at /docs)")
+    uvicorn.run(application, host=settings.host, port=settings.port, log_level="warning", access_log=False)
 
 
 @keys_app.command("generate")

@@ -1,0 +1,65 @@
+"""Who is calling: operators by bearer token (stored hashed), devices by the token they got at enrollment."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session, sessionmaker
+
+from registry.service.db import OperatorToken, transaction, utcnow
+from registry.service.devices import DeviceRegistry, token_digest
+from registry.service.errors import ForbiddenError, NotAuthenticatedError
+
+log = logging.getLogger(__name__)
+
+
+def bearer(authorization: str | None) -> str:
+    """The token of an ``Authorization: Bearer <token>`` header; 401 without one."""
+    scheme, _, token = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise NotAuthenticatedError("missing bearer token (Authorization: Bearer <token>)")
+    return token.strip()
+
+
+class OperatorTokens:
+    """Operator tokens from the settings, kept as sha256 digests in the database and in memory."""
+
+    def __init__(self, sessions: sessionmaker[Session]) -> None:
+        self._sessions = sessions
+        self._names: dict[str, str] = {}
+
+    def install(self, tokens: list[str]) -> None:
+        """Store the configured tokens (``name=token`` or a bare token) hashed; forget none that other replicas use."""
+        with transaction(self._sessions) as session:
+            for index, entry in enumerate(tokens, start=1):
+                name, sep, token = entry.partition("=")
+                if not sep:
+                    name, token = f"operator-{index}", entry
+                digest = token_digest(token.strip())
+                if session.get(OperatorToken, digest) is None:
+                    session.add(OperatorToken(token_sha256=digest, name=name.strip(), created_at=utcnow()))
+        self.reload()
+
+    def reload(self) -> None:
+        with self._sessions() as session:
+            self._names = {row.token_sha256: row.name for row in session.execute(sa.select(OperatorToken)).scalars()}
+
+    def actor(self, token: str) -> str:
+        digest = token_digest(token)
+        for known, name in self._names.items():
+            if hmac.compare_digest(known, digest):
+                return f"operator:{name}"
+        raise NotAuthenticatedError("not an operator token")
+
+
+def check_device(devices: DeviceRegistry, device_id: str, token: str) -> None:
+    """The token must be ``device_id``'s own: another device's token is 403, an unknown one 401."""
+    try:
+        devices.authenticate(device_id, token)
+    except NotAuthenticatedError:
+        owner = devices.device_of_token(token)
+        if owner is not None and owner != device_id:
+            raise ForbiddenError(f"this token belongs to another device; it cannot act for {device_id!r}") from None
+        raise

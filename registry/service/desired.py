@@ -1,0 +1,166 @@
+"""Desired state per device, with an ETag, cached so that an unchanged state costs no database or MLflow work.
+
+Every replica caches rollouts, devices and each device's choice against the database's state generation, which
+it re-reads at most every ``state_check_interval_s``. Any change that can alter a device's desired state bumps
+that generation in the same transaction, so a replica notices within that interval.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session, sessionmaker
+
+from registry.service.bundles import BundleCatalog
+from registry.service.db import Device, Rollout
+from registry.service.errors import NotFoundError
+from registry.service.records import DeviceView, RolloutView, read_generation
+from registry.service.schemas import DesiredFile, DesiredState
+from registry.service.settings import ServiceSettings
+from registry.service.targeting import place
+
+
+@dataclass(frozen=True)
+class DesiredChoice:
+    rollout_id: int | None
+    model: str | None
+    version: str | None
+    variant: str | None
+    manifest_sha256: str | None
+    etag: str
+
+
+class DesiredIndex:
+    """Answers "what should device X run now?" from caches that follow the state generation."""
+
+    def __init__(self, sessions: sessionmaker[Session], catalog: BundleCatalog, settings: ServiceSettings) -> None:
+        self._sessions = sessions
+        self._catalog = catalog
+        self._settings = settings
+        self._lock = threading.Lock()
+        self._generation = -1
+        self._checked_at = -1e9
+        self._rollouts: list[RolloutView] = []
+        self._devices: dict[str, DeviceView] = {}
+        self._choices: dict[str, DesiredChoice] = {}
+
+    # -- generation and caches -------------------------------------------------------------------------------
+
+    def refresh(self, *, force: bool = False) -> int:
+        """Re-read the generation when the last read is older than the check interval; drop stale caches."""
+        now = time.monotonic()
+        if not force and now - self._checked_at < self._settings.state_check_interval_s:
+            return self._generation
+        with self._sessions() as session:
+            generation = read_generation(session)
+            rollouts = None
+            if generation != self._generation:
+                rows = session.execute(sa.select(Rollout).order_by(Rollout.id.desc())).scalars()
+                rollouts = [RolloutView.of(row) for row in rows]
+        with self._lock:
+            if rollouts is not None:
+                self._rollouts = rollouts
+                self._devices.clear()
+                self._choices.clear()
+                self._generation = generation
+            self._checked_at = now
+        return self._generation
+
+    def invalidate(self) -> None:
+        """Re-read the generation on the next request: this replica just changed something."""
+        self._checked_at = -1e9
+
+    def rollouts(self) -> list[RolloutView]:
+        self.refresh()
+        return self._rollouts
+
+    def device(self, device_id: str) -> DeviceView:
+        cached = self._devices.get(device_id)
+        if cached is not None:
+            return cached
+        with self._sessions() as session:
+            row = session.get(Device, device_id)
+            if row is None:
+                raise NotFoundError(f"no device {device_id!r}")
+            view = DeviceView.of(row)
+        self._devices[device_id] = view
+        return view
+
+    # -- answers ---------------------------------------------------------------------------------------------
+
+    def cached_choice(self, device_id: str) -> DesiredChoice | None:
+        """The cached choice when the generation was checked recently and has not moved; else None (no I/O)."""
+        if time.monotonic() - self._checked_at >= self._settings.state_check_interval_s:
+            return None
+        return self._choices.get(device_id)
+
+    def choice(self, device_id: str) -> DesiredChoice:
+        """The device's desired (rollout, model, version, variant): the newest rollout with an opinion on it."""
+        self.refresh()
+        cached = self._choices.get(device_id)
+        if cached is not None:
+            return cached
+        device = self.device(device_id)
+        preference = self._settings.variant_order
+        choice = DesiredChoice(None, None, None, None, None, _etag("none", self._settings.poll_interval_s))
+        for rollout in self._rollouts:
+            placement = place(rollout, device, self._catalog.summary, preference)
+            if placement.version is None or placement.variant is None:
+                continue
+            digest = self._catalog.summary(rollout.model, placement.version).manifest_sha256
+            key = f"{rollout.id}|{rollout.model}|{placement.version}|{placement.variant}|{digest}"
+            choice = DesiredChoice(
+                rollout.id,
+                rollout.model,
+                placement.version,
+                placement.variant,
+                digest,
+                _etag(key, self._settings.poll_interval_s),
+            )
+            break
+        self._choices[device_id] = choice
+        return choice
+
+    def state(self, choice: DesiredChoice) -> DesiredState:
+        """The full answer for ``choice``: file URLs from the registry (cached for the bundle TTL)."""
+        poll = self._settings.poll_interval_s
+        if choice.version is None or choice.model is None or choice.variant is None:
+            return DesiredState(
+                rollout_id=None,
+                model=None,
+                version=None,
+                variant=None,
+                files=[],
+                manifest_url=None,
+                manifest_sha256=None,
+                signature_url=None,
+                etag=choice.etag,
+                poll_interval_s=poll,
+            )
+        resolved = self._catalog.resolve(choice.model, choice.version)
+        wanted = {resolved.manifest.variants[choice.variant].path, resolved.manifest.golden.path}
+        files = [
+            DesiredFile(path=f.path, url=f.url, sha256=f.sha256, bytes=f.bytes)
+            for f in resolved.files
+            if f.path in wanted
+        ]
+        return DesiredState(
+            rollout_id=choice.rollout_id,
+            model=choice.model,
+            version=choice.version,
+            variant=choice.variant,
+            files=files,
+            manifest_url=resolved.manifest_url,
+            manifest_sha256=resolved.manifest_sha256,
+            signature_url=resolved.signature_url,
+            etag=choice.etag,
+            poll_interval_s=poll,
+        )
+
+
+def _etag(key: str, poll_interval_s: int) -> str:
+    return '"' + hashlib.sha256(f"{key}|{poll_interval_s}".encode()).hexdigest()[:32] + '"'

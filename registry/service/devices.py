@@ -1,0 +1,305 @@
+"""Devices: enrollment, their reports (events and telemetry), and what operators see of them."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import secrets
+import threading
+from datetime import datetime
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session, sessionmaker
+
+from exporters.fingerprint import Fingerprint
+from registry.service.bundles import BundleCatalog, choose_variant
+from registry.service.db import Device, DeviceEvent, DeviceOutcome, Telemetry, transaction, utcnow
+from registry.service.desired import DesiredIndex
+from registry.service.errors import NotAuthenticatedError, NotFoundError
+from registry.service.records import RolloutView, audit, bump_generation
+from registry.service.schemas import (
+    Compatibility,
+    DeviceDetail,
+    DeviceEnroll,
+    DeviceEventPublic,
+    DevicePublic,
+    DeviceReport,
+    EventState,
+)
+from registry.service.settings import ServiceSettings
+from registry.service.targeting import CONTROL, TREATMENT
+
+log = logging.getLogger(__name__)
+
+_FAILED_STATES = frozenset({EventState.rolling_back, EventState.rolled_back, EventState.failed})
+_LAST_EVENTS = 20
+
+
+def token_digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class DeviceRegistry:
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        catalog: BundleCatalog,
+        desired: DesiredIndex,
+        settings: ServiceSettings,
+    ) -> None:
+        self._sessions = sessions
+        self._catalog = catalog
+        self._desired = desired
+        self._settings = settings
+        self._tokens: dict[str, str] = {}  # device id -> sha256 of its token, as last read
+        self._seen: dict[str, datetime] = {}  # heartbeats not yet written
+        self._seen_lock = threading.Lock()
+
+    # -- enrollment and tokens -------------------------------------------------------------------------------
+
+    def enroll(self, body: DeviceEnroll) -> str:
+        """Register (or re-register) a device and return its new token; an older token stops working."""
+        if not hmac.compare_digest(token_digest(body.enrollment_token), token_digest(self._settings.enrollment_secret)):
+            raise NotAuthenticatedError("wrong enrollment token")
+        token = secrets.token_urlsafe(32)
+        now = utcnow()
+        with transaction(self._sessions) as session:
+            row = session.get(Device, body.device_id)
+            if row is None:
+                row = Device(id=body.device_id, enrolled_at=now, last_seen_at=now)
+                session.add(row)
+                action = "enrolled"
+            else:
+                action = "re-enrolled"
+            row.labels = dict(body.labels)
+            row.fingerprint = body.fingerprint.model_dump(mode="json")
+            row.token_sha256 = token_digest(token)
+            row.last_seen_at = now
+            audit(
+                session,
+                actor=f"device:{body.device_id}",
+                action=action,
+                reason=f"labels {dict(sorted(body.labels.items()))}, torch {body.fingerprint.torch}, "
+                f"gpu {body.fingerprint.gpu_name or 'none'}",
+            )
+            bump_generation(session)
+        self._tokens[body.device_id] = token_digest(token)
+        self._desired.invalidate()
+        return token
+
+    def authenticate(self, device_id: str, token: str) -> None:
+        """Raise unless ``token`` is ``device_id``'s current token. A hit in the cache costs no database read."""
+        digest = token_digest(token)
+        known = self._tokens.get(device_id)
+        if known is not None and hmac.compare_digest(known, digest):
+            return
+        with self._sessions() as session:
+            stored = session.execute(sa.select(Device.token_sha256).where(Device.id == device_id)).scalar()
+        if stored is None or not hmac.compare_digest(stored, digest):
+            raise NotAuthenticatedError("wrong device token")
+        self._tokens[device_id] = stored
+
+    def is_cached_token(self, device_id: str, token: str) -> bool:
+        """True when ``token`` is the token this replica last saw for ``device_id`` (no database read)."""
+        known = self._tokens.get(device_id)
+        return known is not None and hmac.compare_digest(known, token_digest(token))
+
+    def device_of_token(self, token: str) -> str | None:
+        digest = token_digest(token)
+        for device_id, known in list(self._tokens.items()):
+            if hmac.compare_digest(known, digest):
+                return device_id
+        with self._sessions() as session:
+            return session.execute(sa.select(Device.id).where(Device.token_sha256 == digest)).scalar()
+
+    # -- heartbeats ------------------------------------------------------------------------------------------
+
+    def seen(self, device_id: str) -> None:
+        with self._seen_lock:
+            self._seen[device_id] = utcnow()
+
+    def flush_heartbeats(self) -> int:
+        """Write the pending last-seen times in one statement; a poll itself never writes."""
+        with self._seen_lock:
+            pending, self._seen = self._seen, {}
+        if not pending:
+            return 0
+        with transaction(self._sessions) as session:
+            session.execute(
+                sa.update(Device).where(Device.id == sa.bindparam("device_id")).values(last_seen_at=sa.bindparam("at")),
+                [{"device_id": k, "at": v} for k, v in pending.items()],
+                execution_options={"synchronize_session": False},
+            )
+        return len(pending)
+
+    # -- reports ---------------------------------------------------------------------------------------------
+
+    def report(self, device_id: str, body: DeviceReport) -> None:
+        """Store the events and telemetry; events on a rollout's versions become that device's outcome in it."""
+        now = utcnow()
+        choice = self._desired.choice(device_id)
+        rollouts = {r.id: r for r in self._desired.rollouts()}
+        with transaction(self._sessions) as session:
+            device = session.get(Device, device_id)
+            if device is None:
+                raise NotFoundError(f"no device {device_id!r}")
+            device.last_seen_at = now
+            for event in body.events:
+                at = event.at or now
+                rollout = rollouts.get(event.rollout_id or choice.rollout_id or 0)
+                session.add(
+                    DeviceEvent(
+                        device_id=device_id,
+                        rollout_id=rollout.id if rollout else None,
+                        model=event.model or (rollout.model if rollout else None),
+                        version=event.version,
+                        state=event.state.value,
+                        ok=event.ok,
+                        reason=event.reason,
+                        at=at,
+                        received_at=now,
+                    )
+                )
+                device.state = event.state.value
+                if event.state == EventState.committed and event.ok and event.version:
+                    device.current_version = event.version
+                    device.model = event.model or (rollout.model if rollout else device.model)
+                if rollout is not None and event.version in (rollout.version, rollout.control_version):
+                    self._record_outcome(
+                        session, rollout, device_id, event.state, event.ok, event.version, event.reason, at
+                    )
+            if body.telemetry is not None:
+                t = body.telemetry
+                rollout = rollouts.get(choice.rollout_id or 0)
+                arm = None
+                if rollout is not None:
+                    arm = (
+                        TREATMENT
+                        if t.version == rollout.version
+                        else CONTROL
+                        if t.version == rollout.control_version
+                        else None
+                    )
+                session.add(
+                    Telemetry(
+                        rollout_id=rollout.id if rollout and arm else None,
+                        arm=arm,
+                        device_id=device_id,
+                        model=t.model or (rollout.model if rollout else None),
+                        version=t.version,
+                        inferences=t.inferences,
+                        errors=t.errors,
+                        latency_p50_ms=t.latency_ms.p50,
+                        latency_p99_ms=t.latency_ms.p99,
+                        detections_per_image=t.detections_per_image,
+                        mean_confidence=t.mean_confidence,
+                        at=now,
+                    )
+                )
+
+    @staticmethod
+    def _record_outcome(
+        session: Session,
+        rollout: RolloutView,
+        device_id: str,
+        state: EventState,
+        ok: bool,
+        version: str | None,
+        reason: str,
+        at: datetime,
+    ) -> None:
+        if state == EventState.committed and ok:
+            outcome = "succeeded"
+        elif not ok or state in _FAILED_STATES:
+            outcome = "failed"
+        else:
+            return  # an intermediate step: no verdict yet
+        session.merge(
+            DeviceOutcome(
+                rollout_id=rollout.id, device_id=device_id, version=version or "", outcome=outcome, reason=reason, at=at
+            )
+        )
+        log.info(
+            "device %s: rollout %d version %s %s%s",
+            device_id,
+            rollout.id,
+            version,
+            outcome,
+            f" ({reason})" if reason else "",
+        )
+
+    # -- reading ---------------------------------------------------------------------------------------------
+
+    def list(
+        self, *, label: dict[str, str] | None = None, limit: int = 1000, offset: int = 0
+    ) -> tuple[list[DevicePublic], int]:
+        query = sa.select(Device).order_by(Device.id)
+        with self._sessions() as session:
+            rows = [r for r in session.execute(query).scalars() if _has_labels(r, label or {})]
+            return [self._public(r) for r in rows[offset : offset + limit]], len(rows)
+
+    def detail(self, device_id: str, *, model: str | None = None, version: str | None = None) -> DeviceDetail:
+        with self._sessions() as session:
+            row = session.get(Device, device_id)
+            if row is None:
+                raise NotFoundError(f"no device {device_id!r}")
+            events = (
+                session.execute(
+                    sa.select(DeviceEvent)
+                    .where(DeviceEvent.device_id == device_id)
+                    .order_by(DeviceEvent.id.desc())
+                    .limit(_LAST_EVENTS)
+                )
+                .scalars()
+                .all()
+            )
+            public = self._public(row)
+            fingerprint = Fingerprint.model_validate(row.fingerprint)
+        compatibility = None
+        if model and version:
+            choice = choose_variant(self._catalog.summary(model, version), fingerprint, self._settings.variant_order)
+            compatibility = Compatibility(
+                model=model,
+                version=version,
+                compatible=choice.variant is not None,
+                variant=choice.variant,
+                reason=choice.reason,
+            )
+        desired = self._desired.choice(device_id)
+        return DeviceDetail(
+            **public.model_dump(),
+            last_events=[
+                DeviceEventPublic(
+                    state=e.state,
+                    model=e.model,
+                    version=e.version,
+                    rollout_id=e.rollout_id,
+                    ok=e.ok,
+                    reason=e.reason,
+                    at=e.at,
+                )
+                for e in events
+            ],
+            desired_version=desired.version,
+            desired_rollout_id=desired.rollout_id,
+            compatibility=compatibility,
+        )
+
+    def _public(self, row: Device) -> DevicePublic:
+        pending = self._seen.get(row.id)
+        last_seen = max(filter(None, (row.last_seen_at, pending)), default=None)
+        return DevicePublic(
+            device_id=row.id,
+            labels=row.labels,
+            fingerprint=row.fingerprint,
+            enrolled_at=row.enrolled_at,
+            last_seen_at=last_seen,
+            model=row.model,
+            current_version=row.current_version,
+            state=row.state,
+        )
+
+
+def _has_labels(row: Device, wanted: dict[str, str]) -> bool:
+    return all(str(row.labels.get(k)) == v for k, v in wanted.items())

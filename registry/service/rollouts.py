@@ -1,0 +1,315 @@
+"""Rollouts: creation, the operator's controls, and the wave scheduler.
+
+Every transition is a compare-and-set on the rollout's ``revision`` column, written with its audit record in one
+transaction: when two replicas evaluate the same wave at once, exactly one update matches and the other finds
+nothing to do. That is what keeps waves from double-advancing, without any lock held in a process.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session, sessionmaker
+
+from registry.service.assignment import selector_key
+from registry.service.bundles import BundleCatalog
+from registry.service.db import Rollout, transaction, utcnow
+from registry.service.errors import ConflictError, InvalidRequestError, NotFoundError
+from registry.service.progress import Progress, measure
+from registry.service.records import RolloutView, audit, bump_generation
+from registry.service.schemas import ACTIVE_STATES, RolloutCreate, RolloutState, Strategy, WaveSpec
+from registry.service.settings import ServiceSettings
+
+log = logging.getLogger(__name__)
+
+# action -> (states it applies to, state it leads to)
+_CONTROLS: dict[str, tuple[frozenset[RolloutState], RolloutState]] = {
+    "pause": (frozenset({RolloutState.running}), RolloutState.paused),
+    "resume": (frozenset({RolloutState.paused, RolloutState.halted}), RolloutState.running),
+    "abort": (ACTIVE_STATES, RolloutState.aborted),
+    "rollback": (ACTIVE_STATES | {RolloutState.completed, RolloutState.aborted}, RolloutState.rolled_back),
+}
+CONTROL_ACTIONS = tuple(_CONTROLS)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the scheduler wants to do with one running rollout."""
+
+    action: str  # halt | advance | complete | wait
+    reason: str
+
+
+class RolloutManager:
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        catalog: BundleCatalog,
+        settings: ServiceSettings,
+        on_change: Callable[[], None] = lambda: None,
+    ) -> None:
+        self._sessions = sessions
+        self._catalog = catalog
+        self._settings = settings
+        self._on_change = on_change  # called after every committed change, so this replica's caches follow at once
+
+    # -- reading ---------------------------------------------------------------------------------------------
+
+    def session(self) -> Session:
+        """A read-only session for views that join rollouts with other tables."""
+        return self._sessions()
+
+    def get(self, rollout_id: int) -> RolloutView:
+        with self._sessions() as session:
+            row = session.get(Rollout, rollout_id)
+            if row is None:
+                raise NotFoundError(f"no rollout {rollout_id}")
+            return RolloutView.of(row)
+
+    def find(self, *, model: str | None = None, state: str | None = None, limit: int = 100) -> list[RolloutView]:
+        query = sa.select(Rollout).order_by(Rollout.id.desc()).limit(limit)
+        if model:
+            query = query.where(Rollout.model == model)
+        if state:
+            query = query.where(Rollout.state == state)
+        with self._sessions() as session:
+            return [RolloutView.of(row) for row in session.execute(query).scalars()]
+
+    def progress(self, session: Session, rollout: RolloutView) -> Progress:
+        return measure(session, rollout, self._catalog.summary, self._settings.variant_order)
+
+    # -- creating --------------------------------------------------------------------------------------------
+
+    def create(self, body: RolloutCreate, *, actor: str) -> RolloutView:
+        """Check the versions in the registry, supersede or refuse an active rollout of the same device set, start."""
+        new = self._catalog.summary(body.model, body.version)
+        if not new.gates_passed:
+            raise InvalidRequestError(f"version {body.version} of {body.model} did not pass its gates; not rolled out")
+        if body.ab is not None:
+            self._catalog.summary(body.model, body.ab.control_version)
+        if body.previous_version is not None:
+            self._catalog.summary(body.model, body.previous_version)
+        key = selector_key(body.selector.model_dump())
+        now = utcnow()
+        with transaction(self._sessions) as session:
+            active = (
+                session.execute(
+                    sa.select(Rollout).where(
+                        Rollout.model == body.model,
+                        Rollout.selector_key == key,
+                        Rollout.state.in_([s.value for s in ACTIVE_STATES]),
+                    )
+                )
+                .scalars()
+                .all()
+            )
+            if active and not body.supersede:
+                ids = ", ".join(str(r.id) for r in active)
+                raise ConflictError(
+                    f"rollout {ids} of {body.model} is still {active[0].state} for these devices; "
+                    "finish it, or pass supersede=true"
+                )
+            row = Rollout(
+                model=body.model,
+                version=body.version,
+                previous_version=body.previous_version or self._previous_version(session, body.model, key),
+                strategy=body.strategy.value,
+                state=RolloutState.running.value,
+                selector=body.selector.model_dump(),
+                selector_key=key,
+                waves=[w.model_dump() for w in self._waves(body)],
+                ab=body.ab.model_dump() if body.ab else None,
+                current_wave=0,
+                wave_started_at=now,
+                revision=0,
+                created_by=actor,
+                reason=body.reason,
+                created_at=now,
+                updated_at=now,
+            )
+            session.add(row)
+            session.flush()
+            for old in active:
+                old.state, old.revision, old.updated_at = RolloutState.aborted.value, old.revision + 1, now
+                audit(
+                    session,
+                    actor=actor,
+                    action="superseded",
+                    rollout_id=old.id,
+                    model=old.model,
+                    version=old.version,
+                    reason=f"superseded by rollout {row.id}",
+                )
+            audit(
+                session,
+                actor=actor,
+                action="created",
+                rollout_id=row.id,
+                model=row.model,
+                version=row.version,
+                reason=f"{row.strategy} rollout" + (f": {body.reason}" if body.reason else ""),
+            )
+            bump_generation(session)
+            view = RolloutView.of(row)
+        self._on_change()
+        log.info(
+            "rollout %d created: %s version %s, %s, by %s", view.id, view.model, view.version, view.strategy, actor
+        )
+        return view
+
+    def _waves(self, body: RolloutCreate) -> list[WaveSpec]:
+        if body.strategy == Strategy.immediate:
+            return [WaveSpec(percent=100, bake_s=0)]
+        if body.waves:
+            return body.waves
+        if body.strategy == Strategy.ab:
+            first = self._settings.default_waves[0]
+            return [WaveSpec(percent=100, bake_s=0, max_failure_rate=first.max_failure_rate, min_success_rate=0)]
+        return list(self._settings.default_waves)
+
+    @staticmethod
+    def _previous_version(session: Session, model: str, key: str) -> str | None:
+        """The version the last completed rollout of this model left on these devices."""
+        return session.execute(
+            sa.select(Rollout.version)
+            .where(Rollout.model == model, Rollout.selector_key == key, Rollout.state == RolloutState.completed.value)
+            .order_by(Rollout.id.desc())
+            .limit(1)
+        ).scalar()
+
+    # -- operator controls -----------------------------------------------------------------------------------
+
+    def control(self, rollout_id: int, action: str, *, actor: str, reason: str = "") -> RolloutView:
+        """pause | resume | abort | rollback, refused with 409 from a state it does not apply to."""
+        if action not in _CONTROLS:
+            raise NotFoundError(f"no rollout action {action!r}; known: {', '.join(_CONTROLS)}")
+        sources, target = _CONTROLS[action]
+        current = self.get(rollout_id)
+        if RolloutState(current.state) not in sources:
+            raise ConflictError(
+                f"rollout {rollout_id} is {current.state}; {action} applies to "
+                f"{', '.join(sorted(s.value for s in sources))}"
+            )
+        if action == "rollback" and current.control_version is None:
+            raise ConflictError(f"rollout {rollout_id} has no previous version to roll back to")
+        restarted = utcnow() if action == "resume" else None  # a resumed wave bakes again from now
+        if not self._transition(current, target, actor=actor, action=action, reason=reason, wave_started_at=restarted):
+            raise ConflictError(f"rollout {rollout_id} changed while {action} was being applied; try again")
+        return self.get(rollout_id)
+
+    def _transition(
+        self,
+        rollout: RolloutView,
+        target: RolloutState,
+        *,
+        actor: str,
+        action: str,
+        reason: str,
+        current_wave: int | None = None,
+        wave_started_at: datetime | None = None,
+    ) -> bool:
+        """Compare-and-set from the revision ``rollout`` was read at; False when another writer got there first."""
+        values: dict[str, object] = {"state": target.value, "revision": rollout.revision + 1, "updated_at": utcnow()}
+        if current_wave is not None:
+            values["current_wave"] = current_wave
+        if wave_started_at is not None:
+            values["wave_started_at"] = wave_started_at
+        with transaction(self._sessions) as session:
+            done = session.execute(
+                sa.update(Rollout)
+                .where(Rollout.id == rollout.id, Rollout.revision == rollout.revision)
+                .values(**values)
+                .execution_options(synchronize_session=False)
+            )
+            if done.rowcount != 1:  # type: ignore[attr-defined]
+                return False
+            version = rollout.control_version if target == RolloutState.rolled_back else rollout.version
+            audit(
+                session,
+                actor=actor,
+                action=action,
+                rollout_id=rollout.id,
+                model=rollout.model,
+                version=version,
+                reason=reason,
+            )
+            bump_generation(session)
+        self._on_change()
+        log.info("rollout %d %s -> %s (%s by %s)", rollout.id, rollout.state, target.value, action, actor)
+        return True
+
+    # -- scheduler -------------------------------------------------------------------------------------------
+
+    def evaluate_all(self, *, now: datetime | None = None) -> int:
+        """One scheduler pass over running rollouts; returns how many transitions this replica made."""
+        made = 0
+        for rollout in self.find(state=RolloutState.running.value, limit=10_000):
+            try:
+                made += self.evaluate(rollout, now=now or utcnow())
+            except Exception:  # one broken rollout must not stop the others
+                log.exception("rollout %d: evaluation failed", rollout.id)
+        return made
+
+    def evaluate(self, rollout: RolloutView, *, now: datetime) -> int:
+        with self._sessions() as session:
+            progress = self.progress(session, rollout)
+        decision = decide(rollout, progress, now=now)
+        if decision.action == "wait":
+            return 0
+        if decision.action == "halt":
+            done = self._transition(
+                rollout, RolloutState.halted, actor="scheduler", action="halt", reason=decision.reason
+            )
+        elif decision.action == "advance":
+            done = self._transition(
+                rollout,
+                RolloutState.running,
+                actor="scheduler",
+                action="advance",
+                reason=decision.reason,
+                current_wave=rollout.current_wave + 1,
+                wave_started_at=now,
+            )
+        else:
+            done = self._transition(
+                rollout, RolloutState.completed, actor="scheduler", action="complete", reason=decision.reason
+            )
+        return int(done)
+
+
+def decide(rollout: RolloutView, progress: Progress, *, now: datetime) -> Decision:
+    """Halt past the failure threshold; after the bake time, advance (or complete) at the success threshold."""
+    index = rollout.current_wave
+    spec = rollout.waves[index]
+    if rollout.strategy == Strategy.ab:
+        treatment = progress.arms.get("treatment")
+        if treatment and treatment.devices and treatment.failed / treatment.devices > spec["max_failure_rate"]:
+            return Decision(
+                "halt",
+                f"treatment arm: {treatment.failed} of {treatment.devices} devices failed "
+                f"({treatment.failed / treatment.devices:.0%} > {spec['max_failure_rate']:.0%})",
+            )
+        return Decision("wait", "A/B tests run until an operator ends them")
+    included = progress.included(index)
+    if included.devices:
+        failure_rate = included.failed / included.devices
+        if failure_rate > spec["max_failure_rate"]:
+            return Decision(
+                "halt",
+                f"wave {index + 1}: {included.failed} of {included.devices} devices failed "
+                f"({failure_rate:.0%} > {spec['max_failure_rate']:.0%})",
+            )
+    started = rollout.wave_started_at or rollout.created_at
+    if now - started < timedelta(seconds=float(spec["bake_s"])):
+        return Decision("wait", "baking")
+    success_rate = included.succeeded / included.devices if included.devices else 1.0
+    if success_rate < spec["min_success_rate"]:
+        return Decision("wait", f"wave {index + 1}: {included.succeeded} of {included.devices} succeeded so far")
+    summary = f"wave {index + 1}: {included.succeeded} of {included.devices} devices succeeded"
+    if index + 1 < len(rollout.waves):
+        return Decision("advance", f"{summary}; on to wave {index + 2} ({rollout.waves[index + 1]['percent']:g}%)")
+    return Decision("complete", summary)

@@ -1,0 +1,154 @@
+"""Settings of the rollout service: flags, then ``YOLO_OTA_*`` environment variables, then a TOML config file.
+
+Built once in ``main`` (or by a test) and passed to ``create_app``; never read at import time.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+from registry.service.errors import ConfigurationError
+from registry.service.schemas import WaveSpec
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE_ENV = "YOLO_OTA_CONFIG"
+DEV_OPERATOR_TOKEN = "dev-operator-token"
+DEV_ENROLLMENT_TOKEN = "dev-enrollment-token"
+DEV_WEBHOOK_SECRET = "dev-webhook-secret"
+
+DEFAULT_WAVES = (
+    WaveSpec(percent=10, bake_s=300, max_failure_rate=0.2, min_success_rate=0.9),
+    WaveSpec(percent=50, bake_s=600, max_failure_rate=0.1, min_success_rate=0.95),
+    WaveSpec(percent=100, bake_s=0, max_failure_rate=0.1, min_success_rate=0.95),
+)
+
+
+def _default_data_dir() -> Path:
+    return Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "yolo-ota" / "server"
+
+
+class ServiceSettings(BaseSettings):
+    """Everything the rollout service reads. Secrets have no default outside ``dev_mode``."""
+
+    model_config = SettingsConfigDict(env_prefix="YOLO_OTA_", extra="ignore", frozen=True)
+
+    data_dir: Path = Field(default_factory=_default_data_dir)
+    database_url: str | None = None  # default: SQLite in data_dir
+    mlflow_uri: str | None = None
+    operator_tokens: str | None = None  # comma-separated
+    enrollment_token: str | None = None
+    dev_mode: bool = False
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8700, ge=1, le=65535)
+    public_url: str | None = None  # where MLflow can reach this service, for the alias webhook
+    webhook_secret: str | None = None
+    watch_models: str | None = None  # comma-separated registered models; default: every registered model
+    promotion_alias: str = "production"
+    alias_poll_interval_s: float = Field(default=30.0, gt=0)
+    scheduler_interval_s: float = Field(default=5.0, gt=0)
+    poll_interval_s: int = Field(default=30, ge=1)
+    state_check_interval_s: float = Field(default=1.0, ge=0)
+    bundle_cache_ttl_s: float = Field(default=300.0, ge=0)
+    heartbeat_flush_s: float = Field(default=5.0, gt=0)
+    default_waves: list[WaveSpec] = Field(default_factory=lambda: list(DEFAULT_WAVES))
+    variant_preference: str = "cuda-fp16,cuda-fp32,cpu-fp32"
+    s3_endpoint_url: str | None = None  # for presigned URLs when bundles live in S3 and MLflow does not proxy them
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = os.environ.get(CONFIG_FILE_ENV)
+        if config_file:
+            if not Path(config_file).is_file():
+                raise ConfigurationError(f"{CONFIG_FILE_ENV}={config_file}: no such file")
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config_file))
+        return tuple(sources)
+
+    @field_validator("default_waves")
+    @classmethod
+    def _waves_valid(cls, waves: list[WaveSpec]) -> list[WaveSpec]:
+        from registry.service.schemas import check_waves
+
+        check_waves(waves)
+        return waves
+
+    @model_validator(mode="after")
+    def _secrets_present(self) -> ServiceSettings:
+        if self.dev_mode:
+            return self
+        missing = [
+            name
+            for name, value in (
+                ("YOLO_OTA_OPERATOR_TOKENS", self.operator_tokens),
+                ("YOLO_OTA_ENROLLMENT_TOKEN", self.enrollment_token),
+            )
+            if not (value or "").strip()
+        ]
+        if self.public_url and not self.webhook_secret:
+            missing.append("YOLO_OTA_WEBHOOK_SECRET (needed with YOLO_OTA_PUBLIC_URL)")
+        if missing:
+            raise ValueError(
+                f"no {', '.join(missing)} set; the service has no default secrets outside dev mode "
+                "(YOLO_OTA_DEV_MODE=true uses well-known tokens, for trials only)"
+            )
+        return self
+
+    # -- derived ---------------------------------------------------------------------------------------------
+
+    @property
+    def database(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'rollouts.db'}"
+
+    @property
+    def operator_token_list(self) -> list[str]:
+        tokens = _split(self.operator_tokens)
+        return tokens or ([DEV_OPERATOR_TOKEN] if self.dev_mode else [])
+
+    @property
+    def enrollment_secret(self) -> str:
+        return (self.enrollment_token or "").strip() or DEV_ENROLLMENT_TOKEN
+
+    @property
+    def webhook_key(self) -> str | None:
+        if self.webhook_secret:
+            return self.webhook_secret
+        return DEV_WEBHOOK_SECRET if self.dev_mode else None
+
+    @property
+    def watched_models(self) -> list[str]:
+        return _split(self.watch_models)
+
+    @property
+    def variant_order(self) -> list[str]:
+        return _split(self.variant_preference)
+
+
+def _split(value: str | None) -> list[str]:
+    return [part.strip() for part in (value or "").split(",") if part.strip()]
+
+
+def load_settings(**overrides: Any) -> ServiceSettings:
+    """Settings from ``overrides`` (flags), the environment and the config file; one readable error if invalid."""
+    from pydantic import ValidationError
+
+    try:
+        return ServiceSettings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "settings"
+        raise ConfigurationError(f"{where}: {first['msg'].removeprefix('Value error, ')}") from None
