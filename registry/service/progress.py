@@ -79,6 +79,10 @@ def _short(reason: str) -> str:
     return reason if len(reason) <= 200 else reason[:197] + "..."
 
 
+# What the current wave is doing when the rollout is not running.
+_CURRENT_WAVE_STATE = {"paused": "paused", "aborted": "stopped", "rolled_back": "rolled_back", "pending": "waiting"}
+
+
 def wave_progress(rollout: RolloutView, progress: Progress, halted_wave: int | None) -> list[WaveProgress]:
     rows: list[WaveProgress] = []
     for index, spec in enumerate(rollout.waves):
@@ -86,7 +90,9 @@ def wave_progress(rollout: RolloutView, progress: Progress, halted_wave: int | N
         if index < rollout.current_wave or (index == rollout.current_wave and rollout.state == "completed"):
             state = "passed"
         elif index == rollout.current_wave:
-            state = "halted" if halted_wave == index else "baking"
+            state = _CURRENT_WAVE_STATE.get(rollout.state, "baking")
+            if halted_wave == index:
+                state = "halted"
         else:
             state = "waiting"
         started: datetime | None = rollout.wave_started_at if index == rollout.current_wave else None

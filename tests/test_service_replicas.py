@@ -1,0 +1,109 @@
+"""Several replicas on one database: a wave advances once, however many schedulers look at it at the same time."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+from fleet import Fleet
+from servers import RunningServer, start_rollout_service
+
+from exporters.fingerprint import collect
+from registry.service.app import build_service
+from registry.service.db import BundleRecord, transaction, utcnow
+from registry.service.schemas import RolloutCreate, WaveSpec
+from registry.service.settings import ServiceSettings
+
+MODEL = "pcb-line"
+
+
+def test_two_services_on_one_database_do_not_double_advance(
+    tmp_path: Path, database_url: str, mlflow_server: RunningServer, fleet_model: dict[str, str]
+) -> None:
+    fast = {"SCHEDULER_INTERVAL_S": "0.05", "ALIAS_POLL_INTERVAL_S": "3600"}
+    first = start_rollout_service(tmp_path / "a", database_url=database_url, mlflow_url=mlflow_server.url,
+                                  settings=fast)
+    second = start_rollout_service(tmp_path / "b", database_url=database_url, mlflow_url=mlflow_server.url,
+                                   settings=fast)
+    fleets = [Fleet(first.url), Fleet(second.url)]
+    try:
+        devices = fleets[0].enroll_many(60, "replica")
+        waves = [{"percent": p, "bake_s": 0.3, "max_failure_rate": 0.5, "min_success_rate": 0.9}
+                 for p in (10, 30, 60, 100)]
+        rollout_id = fleets[1].create_rollout(
+            model=MODEL, version=fleet_model["better"], previous_version=fleet_model["good"], waves=waves
+        )["id"]
+        turn = 0
+
+        def finished() -> bool:
+            nonlocal turn
+            turn += 1
+            fleet = fleets[turn % 2]  # devices talk to either replica, as behind a load balancer
+            fleet.devices = fleets[0].devices
+            fleet.follow(devices)
+            return fleet.rollout(rollout_id)["state"] == "completed"
+
+        fleets[0].wait_for("the rollout to complete", finished, timeout_s=90)
+        actions = [e["action"] for e in fleets[0].audit(rollout_id)]
+        assert actions == ["created", "advance", "advance", "advance", "complete"], actions
+        waves_reached = [e["reason"] for e in fleets[0].audit(rollout_id) if e["action"] == "advance"]
+        assert [r.split(";")[1].strip() for r in waves_reached] == [
+            "on to wave 2 (30%)", "on to wave 3 (60%)", "on to wave 4 (100%)"
+        ]
+    finally:
+        for fleet in fleets:
+            fleet.close()
+        first.stop()
+        second.stop()
+
+
+def test_concurrent_evaluations_of_one_wave_make_one_transition(tmp_path: Path, database_url: str) -> None:
+    """Eight schedulers evaluate the same ready wave at the same instant: exactly one advances it."""
+    settings = ServiceSettings(
+        database_url=database_url, operator_tokens="t", enrollment_token="e", data_dir=tmp_path
+    )
+    service = build_service(settings)
+    try:
+        sessions = service.rollouts._sessions
+        with transaction(sessions) as session:  # the bundle as the service would have cached it from MLflow
+            session.add(BundleRecord(model=MODEL, version="7", manifest_sha256="0" * 64, gates_passed=True,
+                                     variants={"cpu-fp32": True}, fingerprint=collect().model_dump(mode="json"),
+                                     resolved_at=utcnow()))
+        waves = [WaveSpec(percent=50, bake_s=0), WaveSpec(percent=100, bake_s=0)]
+        rollout = service.rollouts.create(RolloutCreate(model=MODEL, version="7", waves=waves), actor="test")
+        barrier = threading.Barrier(8)
+        made: list[int] = []
+
+        def evaluate() -> None:
+            barrier.wait()
+            made.append(service.rollouts.evaluate(rollout, now=utcnow()))
+
+        threads = [threading.Thread(target=evaluate) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        assert sorted(made) == [0] * 7 + [1]
+        after = service.rollouts.get(rollout.id)
+        assert after.current_wave == 1 and after.revision == rollout.revision + 1
+        with service.rollouts.session() as session:
+            from registry.service.db import AuditRecord
+
+            advances = session.query(AuditRecord).filter_by(rollout_id=rollout.id, action="advance").count()
+        assert advances == 1
+    finally:
+        service.engine.dispose()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_alias(mlflow_server: RunningServer) -> None:
+    """No production alias, so the services start no rollout of their own."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=mlflow_server.url, registry_uri=mlflow_server.url)
+    try:
+        if "production" in (client.get_registered_model(MODEL).aliases or {}):
+            client.delete_registered_model_alias(MODEL, "production")
+    except Exception:  # the model does not exist yet in this session: nothing to clear
+        pass

@@ -1,0 +1,399 @@
+"""``yolo-ota rollout``: a thin client of the rollout service's REST API (DESIGN.md section 6).
+
+Each sub-command makes one request and prints the answer as tables, or as the service's raw JSON with ``--json``.
+An error answer of the service ({"detail": ...}) and an unreachable service are one ``error:`` line on stderr
+with exit status 2, like every other error of the ``yolo-ota`` command.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from rich.table import Table
+from rich.text import Text
+
+if TYPE_CHECKING:
+    import httpx
+    from rich.console import Console
+
+rollout_app = typer.Typer(help="Start and steer rollouts through the rollout service.", no_args_is_help=True)
+
+DEFAULT_SERVER = "http://127.0.0.1:8700"
+REQUEST_TIMEOUT_S = 30.0
+_WAVE_SYNTAX = "PERCENT:BAKE_S[:MAX_FAILURE_RATE[:MIN_SUCCESS_RATE]]"
+
+
+# Copies of the service's enums: importing registry.service.schemas would import torch (through the fingerprint
+# model) on every `yolo-ota rollout` call, and the service's own extras on machines that only steer rollouts.
+class Strategy(StrEnum):
+    immediate = "immediate"
+    canary = "canary"
+    ab = "ab"
+
+
+class RolloutState(StrEnum):
+    pending = "pending"
+    running = "running"
+    paused = "paused"
+    halted = "halted"
+    completed = "completed"
+    aborted = "aborted"
+    rolled_back = "rolled_back"
+
+
+@dataclass(frozen=True)
+class WaveArg:
+    """One ``--wave``; rates left out take the service's defaults."""
+
+    percent: float
+    bake_s: float
+    max_failure_rate: float | None = None
+    min_success_rate: float | None = None
+
+    def body(self) -> dict[str, float]:
+        fields = {
+            "percent": self.percent,
+            "bake_s": self.bake_s,
+            "max_failure_rate": self.max_failure_rate,
+            "min_success_rate": self.min_success_rate,
+        }
+        return {name: value for name, value in fields.items() if value is not None}
+
+
+@dataclass(frozen=True)
+class PairArg:
+    """One ``key=value`` of ``--label`` or ``--fp``."""
+
+    key: str
+    value: str
+
+
+def parse_wave(text: str) -> WaveArg:
+    """``10:600`` or ``10:600:0.05:0.95`` (percent of the targeted devices, bake seconds, rates from 0 to 1)."""
+    parts = text.split(":")
+    try:
+        numbers = [float(part) for part in parts]
+    except ValueError:
+        numbers = []
+    if not 2 <= len(parts) <= 4 or len(numbers) != len(parts) or not all(math.isfinite(n) for n in numbers):
+        raise typer.BadParameter(f"{text!r} is not {_WAVE_SYNTAX} (numbers), e.g. 10:600 or 10:600:0.05:0.95")
+    return WaveArg(*numbers)
+
+
+def parse_pair(text: str) -> PairArg:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise typer.BadParameter(f"{text!r} is not key=value, e.g. line=smt-3")
+    return PairArg(key.strip(), value.strip())
+
+
+Server = Annotated[str, typer.Option("--server", envvar="YOLO_OTA_SERVER", help="Rollout service URL.")]
+Token = Annotated[
+    str | None,
+    typer.Option(
+        "--token", envvar="YOLO_OTA_TOKEN", help="Operator token (sent as a bearer token).", show_default=False
+    ),
+]
+AsJson = Annotated[bool, typer.Option("--json", help="Print the service's JSON answer instead of tables.")]
+Reason = Annotated[str, typer.Option(help="Why; kept in the service's audit log.")]
+RolloutId = Annotated[int, typer.Argument(help="Rollout id (see `yolo-ota rollout list`).", min=1)]
+
+
+# yolo_ota.cli imports this module while it is being built, so its console and `_fail` are looked up at call time.
+def _console() -> Console:
+    from yolo_ota.cli import console
+
+    return console
+
+
+def _fail(message: str) -> typer.Exit:
+    from yolo_ota.cli import _fail as fail
+
+    return fail(message)
+
+
+def _call(
+    server: str,
+    token: str | None,
+    method: str,
+    path: str,
+    *,
+    body: dict[str, Any] | None = None,
+    params: dict[str, str | int] | None = None,
+) -> Any:
+    """One request to the service; its decoded JSON answer, or an ``error:`` line and exit status 2."""
+    import httpx
+
+    base = server.rstrip("/")
+    if not base.startswith(("http://", "https://")):
+        raise _fail(f"--server must be an http:// or https:// URL, got {server!r}")
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        response = httpx.request(
+            method, base + path, json=body, params=params, headers=headers, timeout=REQUEST_TIMEOUT_S
+        )
+    except httpx.InvalidURL as exc:
+        raise _fail(f"--server {server!r} is not a usable URL ({exc})") from None
+    except httpx.TimeoutException:
+        raise _fail(f"rollout service at {base} is unreachable (no answer within {REQUEST_TIMEOUT_S:g} s)") from None
+    except httpx.TransportError as exc:
+        raise _fail(f"rollout service at {base} is unreachable ({str(exc) or type(exc).__name__})") from None
+    if response.is_error:
+        raise _fail(f"HTTP {response.status_code}: {_error_detail(response)}")
+    try:
+        return response.json()
+    except ValueError:
+        raise _fail(f"the answer of {base}{path} is not JSON; is {base} the rollout service?") from None
+
+
+def _error_detail(response: httpx.Response) -> str:
+    try:
+        detail = response.json().get("detail")
+    except (ValueError, AttributeError):
+        detail = None
+    text = str(detail) if detail is not None else response.text or response.reason_phrase
+    one_line = " ".join(text.split())
+    return one_line if len(one_line) <= 500 else one_line[:497] + "..."
+
+
+def _mapping(pairs: list[PairArg] | None, option: str) -> dict[str, str]:
+    found: dict[str, str] = {}
+    for pair in pairs or []:
+        if found.get(pair.key, pair.value) != pair.value:
+            raise typer.BadParameter(f"{pair.key!r} is given twice, with different values", param_hint=option)
+        found[pair.key] = pair.value
+    return found
+
+
+# -- commands --------------------------------------------------------------------------------------------------
+
+
+@rollout_app.command()
+def create(
+    model: Annotated[str, typer.Argument(help="Registered model name.")],
+    version: Annotated[str, typer.Argument(help="Version to roll out (its gates must have passed).")],
+    strategy: Annotated[
+        Strategy | None, typer.Option(help="Default: ab with --control-version, else canary.", show_default=False)
+    ] = None,
+    waves: Annotated[
+        list[WaveArg] | None,
+        typer.Option(
+            "--wave",
+            parser=parse_wave,
+            metavar="WAVE",
+            help=f"A canary wave, {_WAVE_SYNTAX} (repeatable; percents cumulative, up to 100) [service's waves].",
+        ),
+    ] = None,
+    labels: Annotated[
+        list[PairArg] | None,
+        typer.Option("--label", parser=parse_pair, metavar="KEY=VALUE", help="Target devices with this label."),
+    ] = None,
+    fingerprint: Annotated[
+        list[PairArg] | None,
+        typer.Option("--fp", parser=parse_pair, metavar="FIELD=VALUE", help="Target devices by fingerprint field."),
+    ] = None,
+    control_version: Annotated[str | None, typer.Option(help="A/B test: the version the control arm runs.")] = None,
+    split: Annotated[
+        float | None, typer.Option(help="A/B test: share of devices on VERSION [0.5].", show_default=False)
+    ] = None,
+    previous_version: Annotated[
+        str | None, typer.Option(help="What rollback returns to (default: what the last rollout left).")
+    ] = None,
+    supersede: Annotated[bool, typer.Option(help="Abort an active rollout of MODEL for the same devices.")] = False,
+    reason: Reason = "",
+    server: Server = DEFAULT_SERVER,
+    token: Token = None,
+    as_json: AsJson = False,
+) -> None:
+    """Start rolling VERSION of MODEL out to the devices that match the selector (all of them by default)."""
+    if split is not None and control_version is None:
+        raise _fail("--split is for an A/B test: give --control-version too")
+    body: dict[str, Any] = {
+        "model": model,
+        "version": version,
+        "strategy": (strategy or (Strategy.ab if control_version else Strategy.canary)).value,
+        "selector": {"labels": _mapping(labels, "--label"), "fingerprint": _mapping(fingerprint, "--fp")},
+        "supersede": supersede,
+        "reason": reason,
+    }
+    if waves:
+        body["waves"] = [wave.body() for wave in waves]
+    if control_version is not None:
+        body["ab"] = {"control_version": control_version, "split": 0.5 if split is None else split}
+    if previous_version is not None:
+        body["previous_version"] = previous_version
+    detail = _call(server, token, "POST", "/v1/rollouts", body=body)
+    if as_json:
+        _console().print_json(data=detail)
+        return
+    _print_detail(detail)
+
+
+@rollout_app.command("list")
+def list_rollouts(
+    model: Annotated[str | None, typer.Option(help="Only rollouts of this registered model.")] = None,
+    state: Annotated[RolloutState | None, typer.Option(help="Only rollouts in this state.")] = None,
+    limit: Annotated[int, typer.Option(help="At most this many, newest first.", min=1, max=1000)] = 100,
+    server: Server = DEFAULT_SERVER,
+    token: Token = None,
+    as_json: AsJson = False,
+) -> None:
+    """List rollouts, newest first."""
+    params: dict[str, str | int] = {"limit": limit}
+    if model is not None:
+        params["model"] = model
+    if state is not None:
+        params["state"] = state.value
+    answer = _call(server, token, "GET", "/v1/rollouts", params=params)
+    console = _console()
+    if as_json:
+        console.print_json(data=answer)
+        return
+    rollouts = answer["rollouts"]
+    if not rollouts:
+        console.print("no rollouts match")
+        return
+    table = Table(title="Rollouts", title_justify="left")
+    for column in ("id", "model", "version", "previous", "strategy", "state", "wave", "created by", "created at"):
+        table.add_column(column, justify="right" if column == "id" else "left")
+    for r in rollouts:
+        fields = [r[key] for key in ("id", "model", "version", "previous_version", "strategy", "state")]
+        _add_row(table, *fields, _wave_position(r), r["created_by"], _when(r["created_at"]))
+    console.print(table)
+
+
+@rollout_app.command()
+def show(rollout_id: RolloutId, server: Server = DEFAULT_SERVER, token: Token = None, as_json: AsJson = False) -> None:
+    """Show one rollout: its waves, its arms' telemetry, and which devices it targets or skips."""
+    detail = _call(server, token, "GET", f"/v1/rollouts/{rollout_id}")
+    if as_json:
+        _console().print_json(data=detail)
+        return
+    _print_detail(detail)
+
+
+_ACTIONS = {
+    "pause": "Pause a running rollout: no wave advances and no device starts the new version until resumed.",
+    "resume": "Resume a paused or halted rollout; the current wave's bake time starts again.",
+    "abort": "Abort a rollout: devices that did not take the new version yet never will.",
+    "rollback": "Roll back: every targeted device returns to the previous (or A/B control) version.",
+}
+
+
+def _action_command(action: str) -> None:
+    def command(
+        rollout_id: RolloutId,
+        reason: Reason = "",
+        server: Server = DEFAULT_SERVER,
+        token: Token = None,
+        as_json: AsJson = False,
+    ) -> None:
+        detail = _call(server, token, "POST", f"/v1/rollouts/{rollout_id}/{action}", body={"reason": reason})
+        if as_json:
+            _console().print_json(data=detail)
+            return
+        line = f"rollout {detail['id']} ({detail['model']} version {detail['version']}) is now {detail['state']}"
+        back_to = (detail.get("ab") or {}).get("control_version") or detail.get("previous_version")
+        if detail["state"] == RolloutState.rolled_back and back_to:
+            line += f"; its devices return to version {back_to}"
+        _console().print(line, markup=False, soft_wrap=True)
+
+    command.__doc__ = _ACTIONS[action]
+    command.__name__ = f"{action}_rollout"
+    rollout_app.command(action)(command)
+
+
+for _action in _ACTIONS:
+    _action_command(_action)
+
+
+# -- rendering -------------------------------------------------------------------------------------------------
+
+
+def _print_detail(detail: dict[str, Any]) -> None:
+    console = _console()
+    console.print(_summary(detail), markup=False, soft_wrap=True)
+    console.print(_wave_table(detail))
+    console.print(_arm_table(detail))
+    skipped = detail["skipped_incompatible"]
+    console.print(f"targeted {detail['targeted']} device(s); skipped {skipped} as incompatible", markup=False)
+    for reason, count in sorted(detail["incompatible_reasons"].items(), key=lambda item: -item[1]):
+        console.print(f"  {count} skipped: {reason}", markup=False, soft_wrap=True)
+
+
+def _summary(detail: dict[str, Any]) -> str:
+    selector = detail["selector"]
+    chosen = [f"{k}={v}" for k, v in selector.get("labels", {}).items()]
+    chosen += [f"fp.{k}={v}" for k, v in selector.get("fingerprint", {}).items()]
+    ab = detail.get("ab")
+    arms = f", control version {ab['control_version']} on {1 - ab['split']:.0%}" if ab else ""
+    line = (
+        f"rollout {detail['id']}: {detail['model']} version {detail['version']} ({detail['strategy']}{arms}), "
+        f"{detail['state']}, wave {_wave_position(detail)}; previous version {detail['previous_version'] or '-'}; "
+        f"devices: {', '.join(chosen) or 'all'}; created by {detail['created_by']} at {_when(detail['created_at'])}"
+    )
+    return line + (f"; reason: {detail['reason']}" if detail["reason"] else "")
+
+
+def _wave_table(detail: dict[str, Any]) -> Table:
+    table = Table(title="Waves", title_justify="left")
+    for column in ("wave", "percent", "bake", "state", "devices", "succeeded", "failed", "pending", "thresholds"):
+        table.add_column(column, justify="left" if column in ("state", "thresholds") else "right")
+    for w in detail["wave_progress"]:
+        thresholds = f"halt above {w['max_failure_rate']:.0%} failed, advance at {w['min_success_rate']:.0%} ok"
+        counts = [w[key] for key in ("devices", "succeeded", "failed", "pending")]
+        _add_row(table, w["index"] + 1, f"{w['percent']:g}%", _duration(w["bake_s"]), w["state"], *counts, thresholds)
+    return table
+
+
+def _arm_table(detail: dict[str, Any]) -> Table:
+    table = Table(title="Arms (latency in ms)", title_justify="left")
+    columns = ("arm", "version", "devices", "succeeded", "failed", "inferences", "errors", "error rate")
+    for column in (*columns, "p50", "p99", "det/img", "conf"):
+        table.add_column(column, justify="left" if column == "arm" else "right")
+    for a in detail["arms"]:
+        error_rate = a["error_rate"]
+        cells = [a[key] for key in ("arm", "version", "devices", "succeeded", "failed", "inferences", "errors")]
+        _add_row(
+            table,
+            *cells,
+            None if error_rate is None else f"{error_rate:.2%}",
+            _number(a["latency_p50_ms"], ".1f"),
+            _number(a["latency_p99_ms"], ".1f"),
+            _number(a["detections_per_image"], ".2f"),
+            _number(a["mean_confidence"], ".3f"),
+        )
+    return table
+
+
+def _add_row(table: Table, *cells: object) -> None:
+    # As plain text: model names, labels and reasons may hold rich markup brackets.
+    table.add_row(*(Text("-" if cell is None else str(cell)) for cell in cells))
+
+
+def _wave_position(rollout: dict[str, Any]) -> str:
+    return f"{rollout['current_wave'] + 1}/{len(rollout['waves'])}"
+
+
+def _number(value: float | None, spec: str) -> str | None:
+    return None if value is None else format(value, spec)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60 or seconds % 60:
+        return f"{seconds:g}s"
+    minutes = int(seconds // 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours and minutes else f"{hours}h" if hours else f"{minutes}m"
+
+
+def _when(value: str) -> str:
+    try:
+        return datetime.fromisoformat(value).strftime("%Y-%m-%d %H:%M:%S")
+    except ValueError:
+        return value
