@@ -68,7 +68,7 @@ class Device(Base):
     id: Mapped[str] = mapped_column(sa.String(128), primary_key=True)
     labels: Mapped[dict[str, Any]]
     fingerprint: Mapped[dict[str, Any]]
-    token_sha256: Mapped[str] = mapped_column(sa.String(64))
+    token_sha256: Mapped[str] = mapped_column(sa.String(64), index=True)
     enrolled_at: Mapped[datetime]
     last_seen_at: Mapped[datetime | None]
     model: Mapped[str | None] = mapped_column(sa.String(256))

@@ -65,6 +65,9 @@ def upgrade() -> None:
         sa.Column("state", sa.String(length=32), nullable=True),
         sa.PrimaryKeyConstraint("id"),
     )
+    with op.batch_alter_table("devices", schema=None) as batch_op:
+        batch_op.create_index(batch_op.f("ix_devices_token_sha256"), ["token_sha256"], unique=False)
+
     op.create_table(
         "operator_tokens",
         sa.Column("token_sha256", sa.String(length=64), nullable=False),
@@ -188,6 +191,9 @@ def downgrade() -> None:
     op.drop_table("rollouts")
     op.drop_table("promotions")
     op.drop_table("operator_tokens")
+    with op.batch_alter_table("devices", schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f("ix_devices_token_sha256"))
+
     op.drop_table("devices")
     op.drop_table("bundles")
     with op.batch_alter_table("audit_log", schema=None) as batch_op:

@@ -1,0 +1,89 @@
+"""Settings of the rollout service: no default secret outside dev mode; flags over environment over file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from registry.service.errors import ConfigurationError
+from registry.service.settings import DEV_OPERATOR_TOKEN, load_settings
+
+
+@pytest.fixture(autouse=True)
+def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    for key in list(os.environ):
+        if key.startswith("YOLO_OTA_"):
+            monkeypatch.delenv(key)
+
+
+def test_no_default_secrets_outside_dev_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ConfigurationError, match="YOLO_OTA_OPERATOR_TOKENS, YOLO_OTA_ENROLLMENT_TOKEN"):
+        load_settings()
+    monkeypatch.setenv("YOLO_OTA_OPERATOR_TOKENS", "a=1")
+    monkeypatch.setenv("YOLO_OTA_ENROLLMENT_TOKEN", "e")
+    monkeypatch.setenv("YOLO_OTA_PUBLIC_URL", "http://svc:8700")
+    with pytest.raises(ConfigurationError, match="YOLO_OTA_WEBHOOK_SECRET"):
+        load_settings()
+    monkeypatch.setenv("YOLO_OTA_WEBHOOK_SECRET", "s")
+    assert load_settings().operator_token_list == ["a=1"]
+
+
+def test_dev_mode_uses_well_known_tokens_only_where_none_are_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = load_settings(dev_mode=True)
+    assert settings.operator_token_list == [DEV_OPERATOR_TOKEN]
+    assert settings.webhook_key is not None
+    monkeypatch.setenv("YOLO_OTA_OPERATOR_TOKENS", "mine")
+    assert load_settings(dev_mode=True).operator_token_list == ["mine"]
+
+
+def test_flags_over_environment_over_config_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "service.toml"
+    config.write_text(
+        'operator_tokens = "from-file"\nenrollment_token = "e"\nport = 9001\nscheduler_interval_s = 2.5\n'
+        'default_waves = [{percent = 20, bake_s = 60}, {percent = 100}]\n'
+    )
+    monkeypatch.setenv("YOLO_OTA_CONFIG", str(config))
+    settings = load_settings()
+    assert (settings.port, settings.scheduler_interval_s, settings.operator_token_list) == (9001, 2.5, ["from-file"])
+    assert [w.percent for w in settings.default_waves] == [20, 100]
+    monkeypatch.setenv("YOLO_OTA_PORT", "9002")
+    assert load_settings().port == 9002
+    assert load_settings(port=9003).port == 9003
+    assert load_settings().database.startswith("sqlite:///")
+
+
+def test_invalid_settings_are_one_readable_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("YOLO_OTA_DEV_MODE", "true")
+    monkeypatch.setenv("YOLO_OTA_DEFAULT_WAVES", '[{"percent": 50}, {"percent": 30}]')
+    with pytest.raises(ConfigurationError, match="default_waves: .*increase strictly"):
+        load_settings()
+    monkeypatch.delenv("YOLO_OTA_DEFAULT_WAVES")
+    monkeypatch.setenv("YOLO_OTA_CONFIG", str(tmp_path / "missing.toml"))
+    with pytest.raises(ConfigurationError, match="no such file"):
+        load_settings()
+
+
+def test_server_command_refuses_to_start_without_secrets(cli, tmp_path: Path) -> None:
+    done = cli("server", "--data-dir", str(tmp_path), "--port", "1")
+    assert done.returncode == 2, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "YOLO_OTA_OPERATOR_TOKENS" in lines[0]
+
+
+def test_migrations_build_exactly_the_tables_the_code_declares(tmp_path: Path) -> None:
+    """Alembic's head revision and the ORM models agree: autogenerate finds nothing to change."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from registry.service.db import Base, make_engine, migrate
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'schema.db'}")
+    migrate(engine)
+    migrate(engine)  # a second start finds the schema current
+    with engine.connect() as connection:
+        differences = compare_metadata(MigrationContext.configure(connection), Base.metadata)
+    engine.dispose()
+    assert differences == []
