@@ -58,7 +58,7 @@ def test_flags_over_environment_over_config_file(tmp_path: Path, monkeypatch: py
 def test_invalid_settings_are_one_readable_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("YOLO_OTA_DEV_MODE", "true")
     monkeypatch.setenv("YOLO_OTA_DEFAULT_WAVES", '[{"percent": 50}, {"percent": 30}]')
-    with pytest.raises(ConfigurationError, match="default_waves: .*increase strictly"):
+    with pytest.raises(ConfigurationError, match=r"default_waves: .*increase strictly"):
         load_settings()
     monkeypatch.delenv("YOLO_OTA_DEFAULT_WAVES")
     monkeypatch.setenv("YOLO_OTA_CONFIG", str(tmp_path / "missing.toml"))
