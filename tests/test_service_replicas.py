@@ -22,15 +22,18 @@ def test_two_services_on_one_database_do_not_double_advance(
     tmp_path: Path, database_url: str, mlflow_server: RunningServer, fleet_model: dict[str, str]
 ) -> None:
     fast = {"SCHEDULER_INTERVAL_S": "0.05", "ALIAS_POLL_INTERVAL_S": "3600"}
-    first = start_rollout_service(tmp_path / "a", database_url=database_url, mlflow_url=mlflow_server.url,
-                                  settings=fast)
-    second = start_rollout_service(tmp_path / "b", database_url=database_url, mlflow_url=mlflow_server.url,
-                                   settings=fast)
+    first = start_rollout_service(
+        tmp_path / "a", database_url=database_url, mlflow_url=mlflow_server.url, settings=fast
+    )
+    second = start_rollout_service(
+        tmp_path / "b", database_url=database_url, mlflow_url=mlflow_server.url, settings=fast
+    )
     fleets = [Fleet(first.url), Fleet(second.url)]
     try:
         devices = fleets[0].enroll_many(60, "replica")
-        waves = [{"percent": p, "bake_s": 0.3, "max_failure_rate": 0.5, "min_success_rate": 0.9}
-                 for p in (10, 30, 60, 100)]
+        waves = [
+            {"percent": p, "bake_s": 0.3, "max_failure_rate": 0.5, "min_success_rate": 0.9} for p in (10, 30, 60, 100)
+        ]
         rollout_id = fleets[1].create_rollout(
             model=MODEL, version=fleet_model["better"], previous_version=fleet_model["good"], waves=waves
         )["id"]
@@ -49,7 +52,9 @@ def test_two_services_on_one_database_do_not_double_advance(
         assert actions == ["created", "advance", "advance", "advance", "complete"], actions
         waves_reached = [e["reason"] for e in fleets[0].audit(rollout_id) if e["action"] == "advance"]
         assert [r.split(";")[1].strip() for r in waves_reached] == [
-            "on to wave 2 (30%)", "on to wave 3 (60%)", "on to wave 4 (100%)"
+            "on to wave 2 (30%)",
+            "on to wave 3 (60%)",
+            "on to wave 4 (100%)",
         ]
     finally:
         for fleet in fleets:
@@ -60,16 +65,22 @@ def test_two_services_on_one_database_do_not_double_advance(
 
 def test_concurrent_evaluations_of_one_wave_make_one_transition(tmp_path: Path, database_url: str) -> None:
     """Eight schedulers evaluate the same ready wave at the same instant: exactly one advances it."""
-    settings = ServiceSettings(
-        database_url=database_url, operator_tokens="t", enrollment_token="e", data_dir=tmp_path
-    )
+    settings = ServiceSettings(database_url=database_url, operator_tokens="t", enrollment_token="e", data_dir=tmp_path)
     service = build_service(settings)
     try:
         sessions = service.rollouts._sessions
         with transaction(sessions) as session:  # the bundle as the service would have cached it from MLflow
-            session.add(BundleRecord(model=MODEL, version="7", manifest_sha256="0" * 64, gates_passed=True,
-                                     variants={"cpu-fp32": True}, fingerprint=collect().model_dump(mode="json"),
-                                     resolved_at=utcnow()))
+            session.add(
+                BundleRecord(
+                    model=MODEL,
+                    version="7",
+                    manifest_sha256="0" * 64,
+                    gates_passed=True,
+                    variants={"cpu-fp32": True},
+                    fingerprint=collect().model_dump(mode="json"),
+                    resolved_at=utcnow(),
+                )
+            )
         waves = [WaveSpec(percent=50, bake_s=0), WaveSpec(percent=100, bake_s=0)]
         rollout = service.rollouts.create(RolloutCreate(model=MODEL, version="7", waves=waves), actor="test")
         barrier = threading.Barrier(8)
