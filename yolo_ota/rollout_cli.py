@@ -10,12 +10,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from datetime import datetime
-from enum import StrEnum
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
 from rich.text import Text
+
+# The service's own enums; schemas is pydantic only (no torch, no server packages).
+from registry.service.schemas import RolloutState, Strategy
 
 if TYPE_CHECKING:
     import httpx
@@ -26,24 +28,6 @@ rollout_app = typer.Typer(help="Start and steer rollouts through the rollout ser
 DEFAULT_SERVER = "http://127.0.0.1:8700"
 REQUEST_TIMEOUT_S = 30.0
 _WAVE_SYNTAX = "PERCENT:BAKE_S[:MAX_FAILURE_RATE[:MIN_SUCCESS_RATE]]"
-
-
-# Copies of the service's enums: importing registry.service.schemas would import torch (through the fingerprint
-# model) on every `yolo-ota rollout` call, and the service's own extras on machines that only steer rollouts.
-class Strategy(StrEnum):
-    immediate = "immediate"
-    canary = "canary"
-    ab = "ab"
-
-
-class RolloutState(StrEnum):
-    pending = "pending"
-    running = "running"
-    paused = "paused"
-    halted = "halted"
-    completed = "completed"
-    aborted = "aborted"
-    rolled_back = "rolled_back"
 
 
 @dataclass(frozen=True)
