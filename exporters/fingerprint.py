@@ -132,7 +132,8 @@ def collect(device_index: int = 0) -> Fingerprint:
     )
 
 
-def _major_minor(version: str) -> tuple[int, int]:
+def major_minor(version: str) -> tuple[int, int]:
+    """``(2, 5)`` of ``'2.5.1+cu121'``; ``ValueError`` for text that does not start with major.minor."""
     match = re.match(r"(\d+)\.(\d+)", version)
     if match is None:
         raise ValueError(f"not a version: {version!r}")
@@ -145,7 +146,7 @@ def check_compatible(exported_on: Fingerprint, device: Fingerprint, variant: str
     A device may load a bundle whose exporting torch major.minor is <= its own, and a ``cuda-*`` variant only
     with a working CUDA device (``device.gpu_name`` is only set when a kernel ran).
     """
-    if _major_minor(exported_on.torch) > _major_minor(device.torch):
+    if major_minor(exported_on.torch) > major_minor(device.torch):
         return f"bundle exported with torch {exported_on.torch}, newer than this device's torch {device.torch}"
     if variant.startswith("cuda") and device.gpu_name is None:
         return f"variant {variant} needs a working CUDA device and this device has none"

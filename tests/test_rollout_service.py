@@ -8,11 +8,15 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 from fleet import Fleet
 from servers import RunningServer, free_port, start_rollout_service
+
+from registry.service.db import Device, make_engine
 
 MODEL = "pcb-line"
 FAST_WAVES = [
@@ -207,11 +211,24 @@ def test_ab_split_is_sticky_and_close_to_the_ratio(
         server.stop()
 
 
-def test_unchanged_desired_state_answers_304(fleet: Fleet, no_alias: dict[str, str]) -> None:
+def _stored_last_seen(database_url: str, device_id: str) -> datetime:
+    engine = make_engine(database_url)
+    try:
+        with engine.connect() as connection:
+            found = connection.execute(sa.select(Device.last_seen_at).where(Device.id == device_id)).scalar_one()
+    finally:
+        engine.dispose()
+    return found
+
+
+def test_unchanged_desired_state_answers_304(fleet: Fleet, no_alias: dict[str, str], database_url: str) -> None:
     good, better = no_alias["good"], no_alias["better"]
     device = fleet.enroll("etag-1")
+    enrolled = _stored_last_seen(database_url, "etag-1")
     assert fleet.poll(device) == 200 and device.desired["version"] is None
     assert fleet.poll(device) == 304
+    # Polls are heartbeats, written to the database in batches (every 0.5 s here).
+    fleet.wait_for("the heartbeat in the database", lambda: _stored_last_seen(database_url, "etag-1") > enrolled)
     fleet.create_rollout(model=MODEL, version=good, strategy="immediate")
     fleet.wait_for("the new state", lambda: fleet.poll(device) == 200)
     assert device.desired["version"] == good and device.desired["variant"] == "cpu-fp32"

@@ -43,7 +43,7 @@ def test_flags_over_environment_over_config_file(tmp_path: Path, monkeypatch: py
     config = tmp_path / "service.toml"
     config.write_text(
         'operator_tokens = "from-file"\nenrollment_token = "e"\nport = 9001\nscheduler_interval_s = 2.5\n'
-        'default_waves = [{percent = 20, bake_s = 60}, {percent = 100}]\n'
+        "default_waves = [{percent = 20, bake_s = 60}, {percent = 100}]\n"
     )
     monkeypatch.setenv("YOLO_OTA_CONFIG", str(config))
     settings = load_settings()

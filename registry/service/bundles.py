@@ -48,7 +48,10 @@ def choose_variant(bundle: BundleSummary, device: Fingerprint, preference: list[
         if not bundle.variants[variant]:
             reasons.append(f"{variant} failed its gates")
             continue
-        why_not = check_compatible(bundle.fingerprint, device, variant)
+        try:
+            why_not = check_compatible(bundle.fingerprint, device, variant)
+        except ValueError as exc:  # a version that cannot be compared is not a version to bet a line on
+            why_not = f"cannot compare versions: {exc}"
         if why_not is None:
             return VariantChoice(variant, None)
         reasons.append(why_not)

@@ -8,6 +8,7 @@ import logging
 import secrets
 import threading
 from datetime import datetime
+from typing import cast
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
@@ -125,12 +126,13 @@ class DeviceRegistry:
             pending, self._seen = self._seen, {}
         if not pending:
             return 0
-        with transaction(self._sessions) as session:
-            session.execute(
-                sa.update(Device).where(Device.id == sa.bindparam("device_id")).values(last_seen_at=sa.bindparam("at")),
-                [{"device_id": k, "at": v} for k, v in pending.items()],
-                execution_options={"synchronize_session": False},
-            )
+        table = cast(sa.Table, Device.__table__)
+        statement = (
+            sa.update(table).where(table.c.id == sa.bindparam("device_id")).values(last_seen_at=sa.bindparam("at"))
+        )
+        with transaction(self._sessions) as session:  # Core executemany: one statement for every pending device
+            session.connection().execute(statement, [{"device_id": k, "at": v} for k, v in pending.items()])
+
         return len(pending)
 
     # -- reports ---------------------------------------------------------------------------------------------

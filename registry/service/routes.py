@@ -61,6 +61,7 @@ def install(app: FastAPI, service: object) -> None:
     CurrentDevice = Annotated[str, Depends(device)]
     RolloutId = Annotated[int, Path(ge=1, le=2**62)]
     errors = {
+        400: {"model": Problem, "description": "the body could not be read (not UTF-8, not JSON)"},
         401: {"model": Problem},
         403: {"model": Problem},
         404: {"model": Problem},

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
-from exporters.fingerprint import Fingerprint
+from exporters.fingerprint import Fingerprint, major_minor
 
 DeviceId = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")]
 ModelName = Annotated[str, StringConstraints(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f]+$")]
@@ -49,6 +49,12 @@ class DeviceEnroll(_Body):
     device_id: DeviceId
     labels: dict[LabelText, LabelText] = Field(default_factory=dict, max_length=64)
     fingerprint: Fingerprint
+
+    @field_validator("fingerprint")
+    @classmethod
+    def _torch_version(cls, fingerprint: Fingerprint) -> Fingerprint:
+        major_minor(fingerprint.torch)  # compatibility is judged on it: refuse what cannot be compared
+        return fingerprint
 
 
 class DeviceEnrolled(BaseModel):
