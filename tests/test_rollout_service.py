@@ -367,3 +367,23 @@ def test_webhook_from_mlflow_starts_the_rollout(
     finally:
         fleet.close()
         server.stop()
+
+
+def test_ab_test_halts_when_the_treatment_arm_fails(fleet: Fleet, no_alias: dict[str, str]) -> None:
+    good, better = no_alias["good"], no_alias["better"]
+    devices = fleet.enroll_many(20, "abfail")
+    rollout_id = fleet.create_rollout(
+        model=MODEL,
+        version=better,
+        strategy="ab",
+        ab={"control_version": good, "split": 0.5},
+        waves=[{"percent": 100, "max_failure_rate": 0.25}],
+    )["id"]
+    treated = [d for d in devices if fleet.desired_version(d) == better]
+    assert 3 <= len(treated) <= 17
+    fleet.follow(devices, fail=frozenset(d.device_id for d in treated))  # control commits, treatment fails
+    halted = fleet.wait_state(rollout_id, "halted")
+    arms = {arm["arm"]: arm for arm in halted["arms"]}
+    assert arms["treatment"]["failed"] == len(treated) and arms["control"]["failed"] == 0
+    assert arms["control"]["succeeded"] == 20 - len(treated)
+    assert "treatment arm" in fleet.audit(rollout_id)[-1]["reason"]
