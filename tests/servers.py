@@ -149,6 +149,9 @@ def start_rollout_service(
             "YOLO_OTA_ALIAS_POLL_INTERVAL_S": "1",
             "YOLO_OTA_STATE_CHECK_INTERVAL_S": "0.1",
             "YOLO_OTA_HEARTBEAT_FLUSH_S": "0.5",
+            # The session's MLflow also holds other tests' models, some with a production alias: watch only the
+            # model the rollout tests promote (the fleet_model fixture's).
+            "YOLO_OTA_WATCH_MODELS": "pcb-line",
         }
     )
     if database_url:

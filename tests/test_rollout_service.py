@@ -6,6 +6,7 @@ runs every 0.25 s, so a whole canary takes seconds.
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Iterator
 from datetime import datetime
@@ -85,6 +86,7 @@ def test_canary_waves_advance_on_success_and_complete(fleet: Fleet, no_alias: di
     shares = [first[better]]
     for wave in (1, 2):
         fleet.wait_for(f"wave {wave + 1}", lambda w=wave: fleet.rollout(rollout_id)["current_wave"] == w)
+        time.sleep(0.3)  # the scheduler's thread drops the desired-state cache just after its commit
         shares.append(Counter(fleet.follow(devices).values())[better])
     assert shares[0] < shares[1] < shares[2] == 40, shares
 
@@ -363,7 +365,11 @@ def test_webhook_from_mlflow_starts_the_rollout(
             headers={"X-MLflow-Signature": "v1,AAAA", "X-MLflow-Timestamp": "1", "X-MLflow-Delivery-Id": "x"},
         )
         assert forged.status_code == 401
-        assert 'yolo_ota_webhooks_total{result="accepted"}' in fleet.http.get("/metrics").text
+        # Counted once the delivery's handling (rollout, then the version's tag in MLflow) is over.
+        fleet.wait_for(
+            "the accepted delivery in the metrics",
+            lambda: 'yolo_ota_webhooks_total{result="accepted"} 1.0' in fleet.http.get("/metrics").text,
+        )
     finally:
         fleet.close()
         server.stop()

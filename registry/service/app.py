@@ -79,7 +79,7 @@ def build_service(settings: ServiceSettings) -> Service:
 
     catalog = BundleCatalog(sessions, resolver_factory, ttl_s=settings.bundle_cache_ttl_s)
     desired = DesiredIndex(sessions, catalog, settings)
-    rollouts = RolloutManager(sessions, catalog, settings, on_change=desired.invalidate)
+    rollouts = RolloutManager(sessions, catalog, settings, fleet=desired.fleet, on_change=desired.invalidate)
     operators = OperatorTokens(sessions)
     operators.install(settings.operator_token_list)
     return Service(

@@ -47,31 +47,56 @@ class DesiredIndex:
         self._rollouts: list[RolloutView] = []
         self._devices: dict[str, DeviceView] = {}
         self._choices: dict[str, DesiredChoice] = {}
+        self._fleet: list[DeviceView] | None = None
+        self._refreshing = threading.Lock()
+        self._invalidations = 0
 
     # -- generation and caches -------------------------------------------------------------------------------
 
     def refresh(self, *, force: bool = False) -> int:
-        """Re-read the generation when the last read is older than the check interval; drop stale caches."""
+        """Re-read the generation when the last read is older than the check interval; drop stale caches.
+
+        One thread reads at a time; the others go on with the caches they have (a few milliseconds older).
+        """
         now = time.monotonic()
         if not force and now - self._checked_at < self._settings.state_check_interval_s:
             return self._generation
-        with self._sessions() as session:
-            generation = read_generation(session)
-            rollouts = None
-            if generation != self._generation:
-                rows = session.execute(sa.select(Rollout).order_by(Rollout.id.desc())).scalars()
-                rollouts = [RolloutView.of(row) for row in rows]
-        with self._lock:
-            if rollouts is not None:
-                self._rollouts = rollouts
-                self._devices.clear()
-                self._choices.clear()
-                self._generation = generation
-            self._checked_at = now
+        if not self._refreshing.acquire(blocking=force):
+            return self._generation
+        invalidations = self._invalidations
+        try:
+            with self._sessions() as session:
+                generation = read_generation(session)
+                rollouts = None
+                if generation != self._generation:
+                    rows = session.execute(sa.select(Rollout).order_by(Rollout.id.desc())).scalars()
+                    rollouts = [RolloutView.of(row) for row in rows]
+            with self._lock:
+                if rollouts is not None:
+                    self._rollouts = rollouts
+                    self._devices.clear()
+                    self._choices.clear()
+                    self._fleet = None
+                    self._generation = generation
+                if invalidations == self._invalidations:  # else a change landed meanwhile: read again next time
+                    self._checked_at = now
+        finally:
+            self._refreshing.release()
         return self._generation
+
+    def fleet(self) -> list[DeviceView]:
+        """Every enrolled device, parsed once per generation (the scheduler places all of them on every pass)."""
+        self.refresh()
+        fleet = self._fleet
+        if fleet is None:
+            with self._sessions() as session:
+                fleet = [DeviceView.of(row) for row in session.execute(sa.select(Device).order_by(Device.id)).scalars()]
+            self._fleet = fleet
+        return fleet
 
     def invalidate(self) -> None:
         """Re-read the generation on the next request: this replica just changed something."""
+        self._invalidations += 1
         self._checked_at = -1e9
 
     def rollouts(self) -> list[RolloutView]:
@@ -94,7 +119,8 @@ class DesiredIndex:
 
     def cached_choice(self, device_id: str) -> DesiredChoice | None:
         """The cached choice when the generation was checked recently and has not moved; else None (no I/O)."""
-        if time.monotonic() - self._checked_at >= self._settings.state_check_interval_s:
+        due = time.monotonic() - self._checked_at >= self._settings.state_check_interval_s
+        if due and not self._refreshing.locked():  # while another request refreshes, the cache still answers
             return None
         return self._choices.get(device_id)
 

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import statistics
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from registry.service.db import Device, DeviceOutcome, Telemetry
+from registry.service.db import DeviceOutcome, Telemetry
 from registry.service.records import DeviceView, RolloutView
 from registry.service.schemas import ArmTelemetry, WaveProgress
 from registry.service.targeting import CONTROL, TREATMENT, SummaryOf, place
@@ -42,15 +43,21 @@ class Progress:
         return total
 
 
-def measure(session: Session, rollout: RolloutView, summary_of: SummaryOf, preference: list[str]) -> Progress:
+def measure(
+    session: Session,
+    rollout: RolloutView,
+    devices: Iterable[DeviceView],
+    summary_of: SummaryOf,
+    preference: list[str],
+) -> Progress:
     """Place every enrolled device and count outcomes for the rollout's new version (and control, for A/B)."""
     outcomes = {
         row.device_id: row
         for row in session.execute(sa.select(DeviceOutcome).where(DeviceOutcome.rollout_id == rollout.id)).scalars()
     }
     progress = Progress(waves=[WaveCount() for _ in rollout.waves], arms={TREATMENT: WaveCount(), CONTROL: WaveCount()})
-    for row in session.execute(sa.select(Device)).scalars():
-        placement = place(rollout, DeviceView.of(row), summary_of, preference)
+    for device in devices:
+        placement = place(rollout, device, summary_of, preference)
         if not placement.targeted:
             continue
         progress.targeted += 1
@@ -60,7 +67,7 @@ def measure(session: Session, rollout: RolloutView, summary_of: SummaryOf, prefe
         arm_version = (
             rollout.version if placement.arm == TREATMENT or rollout.strategy != "ab" else rollout.control_version
         )
-        outcome = outcomes.get(row.id)
+        outcome = outcomes.get(device.id)
         succeeded = outcome is not None and outcome.version == arm_version and outcome.outcome == "succeeded"
         failed = outcome is not None and outcome.version == arm_version and outcome.outcome == "failed"
         arm = progress.arms[placement.arm or CONTROL]

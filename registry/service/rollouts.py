@@ -20,7 +20,7 @@ from registry.service.bundles import BundleCatalog
 from registry.service.db import Rollout, transaction, utcnow
 from registry.service.errors import ConflictError, InvalidRequestError, NotFoundError
 from registry.service.progress import Progress, measure
-from registry.service.records import RolloutView, audit, bump_generation
+from registry.service.records import DeviceView, RolloutView, audit, bump_generation
 from registry.service.schemas import ACTIVE_STATES, RolloutCreate, RolloutState, Strategy, WaveSpec
 from registry.service.settings import ServiceSettings
 
@@ -50,11 +50,13 @@ class RolloutManager:
         sessions: sessionmaker[Session],
         catalog: BundleCatalog,
         settings: ServiceSettings,
+        fleet: Callable[[], list[DeviceView]],
         on_change: Callable[[], None] = lambda: None,
     ) -> None:
         self._sessions = sessions
         self._catalog = catalog
         self._settings = settings
+        self._fleet = fleet  # every enrolled device, cached per state generation
         self._on_change = on_change  # called after every committed change, so this replica's caches follow at once
 
     # -- reading ---------------------------------------------------------------------------------------------
@@ -80,7 +82,7 @@ class RolloutManager:
             return [RolloutView.of(row) for row in session.execute(query).scalars()]
 
     def progress(self, session: Session, rollout: RolloutView) -> Progress:
-        return measure(session, rollout, self._catalog.summary, self._settings.variant_order)
+        return measure(session, rollout, self._fleet(), self._catalog.summary, self._settings.variant_order)
 
     # -- creating --------------------------------------------------------------------------------------------
 
