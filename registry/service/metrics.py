@@ -39,6 +39,9 @@ class ServiceMetrics:
         self.desired_polls = Counter(
             "yolo_ota_desired_polls", "Desired-state polls by answer", ["status"], registry=self.registry
         )
+        # Bound once: the poll path should not look labels up on every request.
+        self.polls_304 = self.desired_polls.labels("304")
+        self.polls_200 = self.desired_polls.labels("200")
         self.reports = Counter("yolo_ota_device_reports", "Device reports accepted", registry=self.registry)
         self.report_events = Counter(
             "yolo_ota_device_events", "Device events received", ["state", "ok"], registry=self.registry
