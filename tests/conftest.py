@@ -33,6 +33,7 @@ from servers import (  # noqa: E402
     drop_postgres_database,
     postgres_reachable,
     start_mlflow,
+    start_rollout_service,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -186,3 +187,15 @@ def fleet_model(mlflow_server: RunningServer, tmp_path_factory: pytest.TempPathF
         assert result.passed == (budget_ms is None)
         versions[key] = gateway.register_bundle(out, "pcb-line").version.version
     return versions
+
+
+@pytest.fixture(scope="module")
+def module_service(
+    tmp_path_factory: pytest.TempPathFactory, mlflow_server: RunningServer, fleet_model: dict[str, str]
+) -> Iterator[RunningServer]:
+    """One rollout service for a test module: SQLite, the session's MLflow, alias polling as good as off."""
+    server = start_rollout_service(
+        tmp_path_factory.mktemp("service"), mlflow_url=mlflow_server.url, settings={"ALIAS_POLL_INTERVAL_S": "3600"}
+    )
+    yield server
+    server.stop()

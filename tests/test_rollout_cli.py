@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
 from itertools import count
 
 import httpx
 import pytest
-from servers import ENROLLMENT_TOKEN, OPERATOR_TOKEN, RunningServer, free_port, start_rollout_service
+from servers import ENROLLMENT_TOKEN, OPERATOR_TOKEN, RunningServer, free_port
 
 from exporters.fingerprint import collect
 
@@ -19,16 +18,8 @@ _selectors = count(1)
 
 
 @pytest.fixture(scope="module")
-def service(mlflow_server: RunningServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    data_dir = tmp_path_factory.mktemp("rollout-service")
-    server = start_rollout_service(
-        data_dir,
-        mlflow_url=mlflow_server.url,
-        database_url=f"sqlite:///{data_dir / 'rollouts.db'}",
-        settings={"ALIAS_POLL_INTERVAL_S": "3600"},
-    )
-    yield server
-    server.stop()
+def service(module_service: RunningServer) -> RunningServer:
+    return module_service
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
-from servers import ENROLLMENT_TOKEN, OPERATOR_TOKEN, RunningServer, start_rollout_service
+from servers import ENROLLMENT_TOKEN, OPERATOR_TOKEN, RunningServer
 
 from exporters.fingerprint import collect
 
@@ -43,14 +43,8 @@ BAD_CREDENTIALS = {
 
 
 @pytest.fixture(scope="module")
-def service(
-    tmp_path_factory: pytest.TempPathFactory, mlflow_server: RunningServer, fleet_model: dict[str, str]
-) -> Iterator[RunningServer]:
-    server = start_rollout_service(
-        tmp_path_factory.mktemp("auth"), mlflow_url=mlflow_server.url, settings={"ALIAS_POLL_INTERVAL_S": "3600"}
-    )
-    yield server
-    server.stop()
+def service(module_service: RunningServer) -> RunningServer:
+    return module_service
 
 
 @pytest.fixture(scope="module")

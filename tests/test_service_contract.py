@@ -16,7 +16,6 @@ Schemathesis's pytest integration needs the schema at collection time, or a lazy
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +24,7 @@ import pytest
 import schemathesis
 from schemathesis.config import SchemathesisConfig
 from schemathesis.engine import Status, events
-from servers import ENROLLMENT_TOKEN, OPERATOR_TOKEN, RunningServer, start_rollout_service
+from servers import ENROLLMENT_TOKEN, OPERATOR_TOKEN, RunningServer
 
 from exporters.fingerprint import collect
 
@@ -40,14 +39,8 @@ OPEN_OPERATIONS = frozenset({"POST /v1/devices/enroll", "GET /healthz", "GET /me
 
 
 @pytest.fixture(scope="module")
-def service(
-    tmp_path_factory: pytest.TempPathFactory, mlflow_server: RunningServer, fleet_model: dict[str, str]
-) -> Iterator[RunningServer]:
-    server = start_rollout_service(
-        tmp_path_factory.mktemp("contract"), mlflow_url=mlflow_server.url, settings={"ALIAS_POLL_INTERVAL_S": "3600"}
-    )
-    yield server
-    server.stop()
+def service(module_service: RunningServer) -> RunningServer:
+    return module_service
 
 
 def enroll(service: RunningServer, device_id: str) -> str:
