@@ -214,3 +214,15 @@ def test_reenrolling_rotates_the_device_token(http: httpx.Client, seeded: dict[s
     assert http.get(f"/v1/devices/{device_id}/desired", headers=bearer(new)).status_code == 200
     reports = http.post(f"/v1/devices/{device_id}/reports", headers=bearer(new), json={"events": []})
     assert reports.status_code == 200, reports.text
+
+
+def test_refusals_are_counted_in_the_metrics(http: httpx.Client, seeded: dict[str, Any]):
+    def refused_401() -> float:
+        for line in http.get("/metrics").text.splitlines():
+            if line.startswith('yolo_ota_request_errors_total{status="401"}'):
+                return float(line.split()[-1])
+        return 0.0
+
+    before = refused_401()
+    assert http.get("/v1/rollouts", headers={"Authorization": "Bearer nope"}).status_code == 401
+    assert refused_401() == before + 1

@@ -134,6 +134,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
 
 async def _service_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ServiceError)
+    request.app.state.service.metrics.errors.labels(str(exc.status)).inc()
     headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
     if exc.retryable:
         headers = {"Retry-After": "5"}

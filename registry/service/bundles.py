@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from exporters.fingerprint import Fingerprint, check_compatible
@@ -131,18 +132,21 @@ class BundleCatalog:
             },
             fingerprint=manifest.fingerprint,
         )
-        with transaction(self._sessions) as session:
-            session.merge(
-                BundleRecord(
-                    model=summary.model,
-                    version=summary.version,
-                    manifest_sha256=summary.manifest_sha256,
-                    gates_passed=summary.gates_passed,
-                    variants=summary.variants,
-                    fingerprint=manifest.fingerprint.model_dump(mode="json"),
-                    resolved_at=utcnow(),
+        try:
+            with transaction(self._sessions) as session:
+                session.merge(
+                    BundleRecord(
+                        model=summary.model,
+                        version=summary.version,
+                        manifest_sha256=summary.manifest_sha256,
+                        gates_passed=summary.gates_passed,
+                        variants=summary.variants,
+                        fingerprint=manifest.fingerprint.model_dump(mode="json"),
+                        resolved_at=utcnow(),
+                    )
                 )
-            )
+        except IntegrityError:  # another replica stored the same version first: what it stored is the same
+            pass
         self._summaries[(summary.model, summary.version)] = summary
         log.info(
             "bundle %s version %s: gates %s, variants %s",

@@ -2,7 +2,7 @@
 
 # No "from __future__ import annotations": FastAPI must see the route-local Annotated aliases as objects.
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import anyio
 import sqlalchemy as sa
@@ -39,15 +39,16 @@ from registry.service.schemas import (
     VersionText,
 )
 
+if TYPE_CHECKING:  # app.py imports this module; the name is only needed for the annotation
+    from registry.service.app import Service
+
 __all__ = ["Problem", "install"]
 
 _MAX_WEBHOOK_BYTES = 64 << 10
 
 
-def install(app: FastAPI, service: object) -> None:
-    from registry.service.app import Service
+def install(app: FastAPI, service: "Service") -> None:
 
-    assert isinstance(service, Service)
     svc = service
 
     def operator(authorization: Annotated[str | None, Header()] = None) -> str:
