@@ -76,6 +76,15 @@ AFTER_CRASH: dict[State, tuple[State, str]] = {
 }
 
 
+_CLEARED_TARGET = {
+    "target_model": None,
+    "target_version": None,
+    "target_rollout_id": None,
+    "target_key": None,
+    "saves": 0,
+}
+
+
 class StateError(Exception):
     """A transition the table does not have, or a saved state that cannot be read. Retrying does not help."""
 
@@ -88,10 +97,14 @@ class AgentState(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     state: State = State.idle
+    serving_model: str | None = None
     serving_version: str | None = None  # the last known good version, served now
+    target_model: str | None = None
     target_version: str | None = None  # the version being installed, if any
     target_rollout_id: int | None = None
+    target_key: str | None = None  # model:version:manifest sha256 of the offer being installed
     reason: str = ""
+    rejected: list[str] = Field(default_factory=list)  # offer keys refused here: never tried again
     saves: int = Field(default=0, ge=0)  # saves since the current update began: the loop guard
 
 
@@ -145,13 +158,13 @@ class StateStore:
             os.close(directory)
         return saved
 
-    def advance(self, state: AgentState, event: Event, *, reason: str = "") -> AgentState:
-        """Save the state that ``event`` leads to, before its step runs; a loop past the guard goes back."""
+    def advance(self, state: AgentState, event: Event, *, reason: str = "", **changes: object) -> AgentState:
+        """Save the state that ``event`` leads to (with ``changes`` to other fields), before its step runs."""
         target = next_state(state.state, event)
         saves = 0 if event == Event.new_version else state.saves  # a new update starts its own count
-        updated = state.model_copy(update={"state": target, "reason": reason, "saves": saves})
+        updated = state.model_copy(update={**changes, "state": target, "reason": reason, "saves": saves})
         if target == State.idle:
-            updated = updated.model_copy(update={"target_version": None, "target_rollout_id": None, "saves": 0})
+            updated = updated.model_copy(update=_CLEARED_TARGET)
         saved = self.save(updated)
         log.info(
             "state %s -> %s on %s (serving %s, target %s)%s",
@@ -178,5 +191,5 @@ class StateStore:
         log.warning("found %s after a restart; now %s: %s", found.state.value, resume.value, why)
         recovered = found.model_copy(update={"state": resume, "reason": why})
         if resume == State.idle:
-            recovered = recovered.model_copy(update={"target_version": None, "target_rollout_id": None, "saves": 0})
+            recovered = recovered.model_copy(update=_CLEARED_TARGET)
         return self.save(recovered)

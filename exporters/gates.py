@@ -259,11 +259,14 @@ def run_gates(
     latency_budget_ms: float | None,
     measured_on: str,
     memory_baseline_bytes: int = 0,
+    sweep_memory: bool = True,
     progress: Progress | None = None,
 ) -> VariantGates:
     """Run every gate of one loaded variant against the golden data.
 
     ``memory_baseline_bytes``: CUDA memory the process held before the variant was loaded (see memory_sweep).
+    ``sweep_memory=False`` skips the batch sweep: a device that is serving checks its headroom instead of
+    pushing its GPU to out-of-memory.
     """
     say = progress or (lambda _msg: None)
     device_kind: DeviceKind = "cuda" if device.startswith("cuda") else "cpu"
@@ -282,7 +285,7 @@ def run_gates(
     latency_ok = latency_budget_ms is None or stats[0].p99_ms <= latency_budget_ms
     latency = LatencyGate(budget_ms=latency_budget_ms, stats=stats, passed=latency_ok)
     memory = None
-    if device_kind == "cuda":
+    if device_kind == "cuda" and sweep_memory:
         say(f"{variant}: memory sweep")
         memory = memory_sweep(
             model,

@@ -41,6 +41,7 @@ def gate_variant(
     thresholds: GateThresholds,
     fingerprint: Fingerprint,
     latency_budget_ms: float | None,
+    sweep_memory: bool = True,
     progress: Progress | None = None,
 ) -> VariantGates:
     """Load one variant onto its device and run every gate against the golden data."""
@@ -62,6 +63,7 @@ def gate_variant(
         latency_budget_ms=latency_budget_ms,
         measured_on=fingerprint.summary(),
         memory_baseline_bytes=baseline_bytes,
+        sweep_memory=sweep_memory,
         progress=progress,
     )
 

@@ -36,6 +36,8 @@ from servers import (  # noqa: E402
     start_rollout_service,
 )
 
+pytest_plugins = ["agent_stack"]
+
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_RECIPE: dict[str, Any] = {"config": "yolov8n.yaml", "epochs": 25, "train_images": 256, "imgsz": 160, "seed": 0}
 SCENE_SIZE = 160

@@ -355,6 +355,66 @@ def server(
     uvicorn.run(application, host=settings.host, port=settings.port, log_level="warning", access_log=False)
 
 
+@app.command()
+def agent(
+    server: Annotated[str | None, typer.Option(help="Rollout service URL [env YOLO_OTA_AGENT_SERVER].")] = None,
+    device_id: Annotated[str | None, typer.Option(help="This device's id [env YOLO_OTA_AGENT_DEVICE_ID].")] = None,
+    enrollment_token: Annotated[
+        str | None, typer.Option(help="Token to enroll once with [env YOLO_OTA_AGENT_ENROLLMENT_TOKEN].")
+    ] = None,
+    data_dir: Annotated[
+        Path | None, typer.Option(help="Device token, saved state, versions on disk [env YOLO_OTA_AGENT_DATA_DIR].")
+    ] = None,
+    public_key: Annotated[
+        Path | None, typer.Option(help="ed25519 public key (PEM): refuse unsigned or badly signed bundles.")
+    ] = None,
+    listen: Annotated[
+        str | None, typer.Option(help="HOST:PORT of the local API, or 'off' [default 127.0.0.1:8710].")
+    ] = None,
+    label: Annotated[
+        list[str] | None, typer.Option("--label", help="KEY=VALUE label for targeting (repeatable).")
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cuda or cpu [default auto].")] = None,
+    config: Annotated[
+        Path | None, typer.Option(help="TOML file of settings, below flags and YOLO_OTA_AGENT_* variables.")
+    ] = None,
+) -> None:
+    """Run the edge agent: poll for the desired version, verify, validate, hot-swap, serve the local API."""
+    import signal
+
+    from edge_agent import Agent, AgentError, load_settings
+    from exporters.errors import ExportError
+
+    labels = None
+    if label:
+        pairs = [item.partition("=") for item in label]
+        if any(not key or not sep for key, sep, _ in pairs):
+            raise _fail(f"--label takes KEY=VALUE, got {', '.join(label)}")
+        labels = {key: value for key, _, value in pairs}
+    try:
+        settings = load_settings(
+            config,
+            server=server,
+            device_id=device_id,
+            enrollment_token=enrollment_token,
+            data_dir=data_dir,
+            public_key=public_key,
+            listen=listen,
+            labels=labels,
+            device=device,
+        )
+        running = Agent(settings).start()
+    except (AgentError, ExportError) as exc:
+        raise _fail(str(exc)) from None
+    logging.getLogger("edge_agent").setLevel(logging.INFO)
+    signal.signal(signal.SIGTERM, lambda *_: running.request_stop())
+    signal.signal(signal.SIGINT, lambda *_: running.request_stop())
+    where = f" (local API on http://{settings.listen})" if settings.listen else ""
+    err_console.print(f"agent {settings.device_id} polling {settings.server}{where}")
+    running.wait()
+    running.stop()
+
+
 @keys_app.command("generate")
 def keys_generate(
     directory: Annotated[Path, typer.Argument(help="Folder for signing-key.pem (mode 0600) and public-key.pem.")],

@@ -168,7 +168,10 @@ class DesiredIndex:
                 poll_interval_s=poll,
             )
         resolved = self._catalog.resolve(choice.model, choice.version)
-        wanted = {resolved.manifest.variants[choice.variant].path, resolved.manifest.golden.path}
+        variants = resolved.manifest.variants
+        wanted = {variants[choice.variant].path, resolved.manifest.golden.path}
+        if FALLBACK_VARIANT in variants:  # a device whose GPU fails at load or run time falls back to it
+            wanted.add(variants[FALLBACK_VARIANT].path)
         files = [
             DesiredFile(path=f.path, url=f.url, sha256=f.sha256, bytes=f.bytes)
             for f in resolved.files
@@ -186,6 +189,9 @@ class DesiredIndex:
             etag=choice.etag,
             poll_interval_s=poll,
         )
+
+
+FALLBACK_VARIANT = "cpu-fp32"
 
 
 def _etag(key: str, poll_interval_s: int) -> str:

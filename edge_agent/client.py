@@ -1,0 +1,134 @@
+"""Talking to the rollout service: enrollment (once; the device token is kept in the data dir), desired state
+with its ETag, and reports. Every failure becomes an ``edge_agent.errors`` error that says whether to retry.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from edge_agent.errors import EnrollmentRefused, ServiceError, ServiceUnavailable
+from edge_agent.protocol import DesiredState, Enrolled, Report
+from edge_agent.settings import AgentSettings
+from exporters.errors import one_line
+from exporters.fingerprint import Fingerprint
+
+log = logging.getLogger(__name__)
+
+TOKEN_FILE = "device-token"
+
+
+class ServiceClient:
+    """One device's HTTP conversation with the rollout service."""
+
+    def __init__(self, settings: AgentSettings, fingerprint: Fingerprint) -> None:
+        self._settings = settings
+        self._fingerprint = fingerprint
+        self._token_path = settings.data_dir / TOKEN_FILE
+        self._http = httpx.Client(base_url=settings.server, timeout=settings.http_timeout_s)
+        self._token: str | None = None
+
+    def close(self) -> None:
+        self._http.close()
+
+    # -- enrollment ------------------------------------------------------------------------------------------
+
+    @property
+    def enrolled(self) -> bool:
+        return self._load_token() is not None
+
+    def _load_token(self) -> str | None:
+        if self._token is None and self._token_path.is_file():
+            self._token = self._token_path.read_text().strip() or None
+        return self._token
+
+    def enroll(self) -> Enrolled:
+        """Enroll with the enrollment token and keep the device token (mode 0600) for every later start."""
+        if not self._settings.enrollment_token:
+            raise EnrollmentRefused(
+                f"device {self._settings.device_id} has no saved device token and no enrollment token was given"
+            )
+        body = {
+            "enrollment_token": self._settings.enrollment_token,
+            "device_id": self._settings.device_id,
+            "labels": self._settings.labels,
+            "fingerprint": self._fingerprint.model_dump(mode="json"),
+        }
+        response = self._send("POST", "/v1/devices/enroll", json=body, authorized=False)
+        if response.status_code in (401, 403, 422):
+            raise EnrollmentRefused(f"enrollment refused ({response.status_code}): {_detail(response)}")
+        _raise_for_status(response)
+        enrolled = Enrolled.model_validate_json(response.content)
+        _write_secret(self._token_path, enrolled.device_token)
+        self._token = enrolled.device_token
+        log.info("device %s enrolled with %s", self._settings.device_id, self._settings.server)
+        return enrolled
+
+    # -- desired state and reports ---------------------------------------------------------------------------
+
+    def desired(self, etag: str | None) -> DesiredState | None:
+        """The desired state, or None when it has not changed since ``etag`` (304)."""
+        headers = {"If-None-Match": etag} if etag else {}
+        response = self._authorized("GET", f"/v1/devices/{self._settings.device_id}/desired", headers=headers)
+        if response.status_code == 304:
+            return None
+        _raise_for_status(response)
+        return DesiredState.model_validate_json(response.content)
+
+    def report(self, report: Report) -> None:
+        """Deliver one report; raises ``ServiceUnavailable`` when it should be kept and sent again."""
+        body = report.model_dump(mode="json", exclude_none=True)
+        response = self._authorized("POST", f"/v1/devices/{self._settings.device_id}/reports", json=body)
+        _raise_for_status(response)
+
+    def _authorized(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        if self._load_token() is None:
+            self.enroll()
+        response = self._send(method, path, **kwargs)
+        if response.status_code in (401, 404) and self._settings.enrollment_token:
+            # The token was rotated or the service lost this device: enroll again once, then retry.
+            log.warning("device token refused (%d): enrolling again", response.status_code)
+            self._token = None
+            self.enroll()
+            response = self._send(method, path, **kwargs)
+        return response
+
+    def _send(self, method: str, path: str, *, authorized: bool = True, **kwargs: Any) -> httpx.Response:
+        headers = dict(kwargs.pop("headers", None) or {})
+        if authorized and self._token:
+            headers["Authorization"] = f"Bearer {self._token}"
+        try:
+            return self._http.request(method, path, headers=headers, **kwargs)
+        except httpx.HTTPError as exc:
+            raise ServiceUnavailable(f"rollout service {self._settings.server}: {one_line(exc)}") from exc
+
+
+def _detail(response: httpx.Response) -> str:
+    try:
+        return str(response.json().get("detail", response.text))[:300]
+    except ValueError:
+        return response.text[:300]
+
+
+def _raise_for_status(response: httpx.Response) -> None:
+    if response.status_code >= 500 or response.status_code == 429:
+        raise ServiceUnavailable(f"rollout service answered {response.status_code}: {_detail(response)}")
+    if response.status_code >= 400:
+        raise ServiceError(
+            f"rollout service refused {response.request.url.path} ({response.status_code}): {_detail(response)}"
+        )
+
+
+def _write_secret(path: Path, value: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(value)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)

@@ -1,0 +1,211 @@
+"""Fetching an offered bundle into a staging folder: resumable, digest-checked, bounded by free disk space.
+
+Only the files the service lists are fetched (the chosen variant, the CPU fallback, the golden data) plus
+``manifest.json`` (its sha256 must be the one the service vouches for) and ``manifest.sig`` when signed. A cut
+download resumes with an HTTP Range request where the server honours it, and starts over where it does not.
+Finished files are kept, so a restart after a kill re-checks them instead of fetching them again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+from edge_agent.errors import DiskSpaceError, DownloadFailed, VerificationFailed
+from edge_agent.protocol import DesiredFile, DesiredState
+from exporters.bundle import MANIFEST_NAME, SIGNATURE_NAME, sha256_file
+from exporters.bundle import safe_join as bundle_safe_join
+from exporters.errors import UnsafePathError, one_line
+
+log = logging.getLogger(__name__)
+
+_CHUNK_BYTES = 1 << 16
+_PROGRESS_EVERY_S = 2.0
+_MAX_MANIFEST_BYTES = 16 << 20
+DIGEST_RETRIES = 2  # a file that arrives altered twice is refused, not fetched forever
+
+
+def safe_join(staging: Path, relative: str) -> Path:
+    """``exporters.bundle.safe_join`` with the refusal as a ``VerificationFailed``."""
+    try:
+        return bundle_safe_join(staging, relative)
+    except UnsafePathError as exc:
+        raise VerificationFailed(f"refused: {exc}") from None
+
+
+class Downloader:
+    """Fetches bundles over HTTP with its own client (files come from MLflow or S3, not the rollout service)."""
+
+    def __init__(
+        self, *, attempts: int, min_free_bytes: int, timeout_s: float, stop: threading.Event | None = None
+    ) -> None:
+        self._attempts = attempts
+        self._min_free_bytes = min_free_bytes
+        self._http = httpx.Client(timeout=timeout_s, follow_redirects=True)
+        self._stop = stop or threading.Event()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def fetch(self, desired: DesiredState, staging: Path) -> None:
+        """Stage every file of ``desired`` under ``staging``; raises ``UpdateRejected`` or ``DownloadFailed``."""
+        if desired.manifest_url is None or desired.manifest_sha256 is None:
+            raise VerificationFailed("the desired state names no manifest or manifest digest")
+        targets = [(f, safe_join(staging, f.path)) for f in desired.files]  # refuse before writing anything
+        staging.mkdir(parents=True, exist_ok=True)
+        self._check_space(staging, targets)
+        manifest = self._small(desired.manifest_url, "manifest")
+        digest = hashlib.sha256(manifest).hexdigest()
+        if digest != desired.manifest_sha256:
+            vouched = desired.manifest_sha256[:12]
+            raise VerificationFailed(
+                f"{MANIFEST_NAME} has sha256 {digest[:12]}..., the service vouches for {vouched}..."
+            )
+        _write_atomic(staging / MANIFEST_NAME, manifest)
+        signature = staging / SIGNATURE_NAME
+        if desired.signature_url:
+            _write_atomic(signature, self._small(desired.signature_url, "signature"))
+        else:
+            signature.unlink(missing_ok=True)
+        total = sum(f.bytes for f in desired.files)
+        log.info("downloading %s v%s: %d files, %.1f MB", desired.model, desired.version, len(targets), total / 1e6)
+        for entry, path in targets:
+            self._fetch_file(entry, path)
+
+    def _check_space(self, staging: Path, targets: list[tuple[DesiredFile, Path]]) -> None:
+        needed = 0
+        for entry, path in targets:
+            if path.is_file() and path.stat().st_size == entry.bytes:
+                continue
+            part = _part(path)
+            needed += entry.bytes - (part.stat().st_size if part.is_file() else 0)
+        free = shutil.disk_usage(staging).free
+        if needed + self._min_free_bytes > free:
+            raise DiskSpaceError(
+                f"the download needs {needed / 1e6:.1f} MB and {self._min_free_bytes / 1e6:.0f} MB must stay free, "
+                f"but {staging} has {free / 1e6:.1f} MB free"
+            )
+
+    def _small(self, url: str, what: str) -> bytes:
+        last: Exception | None = None
+        for attempt in range(self._attempts):
+            try:
+                response = self._http.get(url)
+                if response.status_code < 400 and len(response.content) <= _MAX_MANIFEST_BYTES:
+                    return response.content
+                if response.status_code < 500:
+                    raise DownloadFailed(f"{what} at {url}: HTTP {response.status_code}")
+                last = DownloadFailed(f"{what}: HTTP {response.status_code}")
+            except httpx.HTTPError as exc:
+                last = exc
+            self._pause(attempt)
+        raise DownloadFailed(
+            f"{what} could not be fetched after {self._attempts} attempts: {one_line(last or Exception())}"
+        )
+
+    def _fetch_file(self, entry: DesiredFile, path: Path) -> None:
+        if path.is_file() and path.stat().st_size == entry.bytes and sha256_file(path) == entry.sha256:
+            log.info("%s already staged", entry.path)
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        part = _part(path)
+        mismatches = 0
+        for attempt in range(self._attempts):
+            try:
+                self._transfer(entry, part)
+            except httpx.HTTPError as exc:
+                have = part.stat().st_size if part.is_file() else 0
+                log.warning("%s cut at %d of %d bytes (%s); will resume", entry.path, have, entry.bytes, one_line(exc))
+                self._pause(attempt)
+                continue
+            except _Retry as retry:
+                log.warning("%s: %s", entry.path, retry)
+                self._pause(attempt)
+                continue
+            size = part.stat().st_size
+            actual = sha256_file(part) if size == entry.bytes else None
+            if actual == entry.sha256:
+                _fsync_file(part)
+                os.replace(part, path)
+                return
+            part.unlink(missing_ok=True)
+            mismatches += 1
+            detail = f"sha256 {actual[:12]}..." if actual else f"{size} bytes"
+            if mismatches >= DIGEST_RETRIES:
+                raise VerificationFailed(
+                    f"{entry.path} arrived with {detail}, expected sha256 {entry.sha256[:12]}... and {entry.bytes} "
+                    f"bytes ({mismatches} times): digest mismatch"
+                )
+            log.warning("%s arrived with %s, not the expected digest: fetching it again", entry.path, detail)
+        raise DownloadFailed(f"{entry.path} could not be fetched completely after {self._attempts} attempts")
+
+    def _transfer(self, entry: DesiredFile, part: Path) -> None:
+        """One request: append to ``part`` from where it stopped (Range), or start over when the server ignores it."""
+        offset = part.stat().st_size if part.is_file() else 0
+        if offset >= entry.bytes:
+            part.unlink(missing_ok=True)
+            offset = 0
+        headers = {"Range": f"bytes={offset}-"} if offset else {}
+        with self._http.stream("GET", entry.url, headers=headers) as response:
+            if response.status_code == 206 and response.headers.get("content-range", "").startswith(f"bytes {offset}-"):
+                mode = "ab"
+                log.info("%s: resuming at byte %d of %d", entry.path, offset, entry.bytes)
+            elif response.status_code == 200:
+                mode, offset = "wb", 0
+            elif response.status_code >= 500 or response.status_code in (416, 429):
+                if response.status_code == 416:
+                    part.unlink(missing_ok=True)
+                raise _Retry(f"HTTP {response.status_code}")
+            else:
+                raise DownloadFailed(f"{entry.path} at {entry.url}: HTTP {response.status_code}")
+            self._copy(response, part, mode, offset, entry)
+
+    def _copy(self, response: httpx.Response, part: Path, mode: str, offset: int, entry: DesiredFile) -> None:
+        written = offset
+        reported = time.monotonic()
+        with part.open(mode) as handle:
+            for chunk in response.iter_bytes(_CHUNK_BYTES):
+                if self._stop.is_set():
+                    raise DownloadFailed("the agent is stopping")
+                handle.write(chunk)
+                written += len(chunk)
+                if written > entry.bytes:
+                    break  # more than announced: the digest check will refuse it
+                if time.monotonic() - reported >= _PROGRESS_EVERY_S:
+                    reported = time.monotonic()
+                    log.info(
+                        "%s: %.0f%% (%d of %d bytes)", entry.path, 100 * written / entry.bytes, written, entry.bytes
+                    )
+        log.info("%s: %d of %d bytes", entry.path, written, entry.bytes)
+
+    def _pause(self, attempt: int) -> None:
+        self._stop.wait(min(0.2 * 2**attempt, 5.0))
+
+
+class _Retry(Exception):
+    """A transient answer (5xx, 416, 429): try the file again."""
+
+
+def _part(path: Path) -> Path:
+    return path.with_name(path.name + ".part")
+
+
+def _fsync_file(path: Path) -> None:
+    with path.open("rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    with temporary.open("wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)

@@ -1,0 +1,73 @@
+"""Errors of the edge agent. Each says whether trying again can help (``retryable``)::
+
+AgentError
+├── ConfigurationError      bad settings or data dir; fix and restart            (not retryable)
+├── ServiceError            the rollout service did not give a usable answer
+│   ├── ServiceUnavailable  unreachable, timed out, 5xx: back off and poll again  (retryable)
+│   └── EnrollmentRefused   wrong enrollment token or refused fingerprint        (not retryable)
+├── UpdateRejected          this version must not run here; report why, keep serving (not retryable)
+│   ├── VerificationFailed  digest, signature, fingerprint or unsafe path
+│   ├── ValidationFailed    load, detection parity, latency budget or memory headroom on this device
+│   └── ProbationFailed     errors, NaN/inf outputs or latency after the swap
+├── DownloadFailed          a file could not be fetched completely               (retryable)
+│   └── DiskSpaceError      the staging disk would run out                       (retryable once space is freed)
+└── NoModelError            nothing validated to serve yet                       (retryable)
+"""
+
+from __future__ import annotations
+
+
+class AgentError(Exception):
+    """Base of the agent's errors."""
+
+    retryable = False
+
+
+class ConfigurationError(AgentError):
+    """Settings or the data dir are unusable."""
+
+
+class ServiceError(AgentError):
+    """The rollout service did not give a usable answer."""
+
+
+class ServiceUnavailable(ServiceError):
+    """Unreachable, timed out or answering 5xx: the agent backs off and keeps serving."""
+
+    retryable = True
+
+
+class EnrollmentRefused(ServiceError):
+    """The service refused to enroll this device (token or fingerprint)."""
+
+
+class UpdateRejected(AgentError):
+    """The offered version must not run on this device; the agent reports why and keeps its model."""
+
+
+class VerificationFailed(UpdateRejected):
+    """A digest, the signature, the fingerprint or a path does not check out."""
+
+
+class ValidationFailed(UpdateRejected):
+    """The version does not load, match its golden detections, meet its latency budget or fit in memory here."""
+
+
+class ProbationFailed(UpdateRejected):
+    """The version misbehaved after the swap."""
+
+
+class DownloadFailed(AgentError):
+    """A file could not be fetched completely; the partial file is kept for a resume."""
+
+    retryable = True
+
+
+class DiskSpaceError(DownloadFailed):
+    """The staging disk would run out."""
+
+
+class NoModelError(AgentError):
+    """No validated model is loaded yet."""
+
+    retryable = True

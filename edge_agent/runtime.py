@@ -1,0 +1,225 @@
+"""The agent's inference runtime: one serving model behind one reference, swapped without dropping a request.
+
+A request reads ``self._serving`` once and runs start to finish on that model, so a swap (one assignment) never
+changes the model under a request that has started; the old model is freed when its last request ends. During
+probation the previous model stays loaded as the *standby*: a request that fails on the new model is answered
+by the standby instead, so clients see no failure while the agent decides to roll back. A CUDA failure at run
+time moves serving to the version's CPU variant.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edge_agent.errors import NoModelError
+from exporters.bundle import Manifest, safe_join
+from exporters.gates import first_tensor
+from exporters.postprocess import Detections, decode
+from exporters.preprocess import decode_image_bytes, letterbox, scale_boxes_to_original, to_input_array
+from exporters.runtime import load_torchscript
+
+log = logging.getLogger(__name__)
+
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+WARMUP_RUNS = 3
+
+
+class ModelOutputError(RuntimeError):
+    """The model answered with NaN or infinite values."""
+
+
+@dataclass(eq=False)
+class LoadedModel:
+    """One variant of one version, loaded on its device and ready to serve."""
+
+    model: str
+    version: str
+    variant: str
+    device: str
+    dtype: torch.dtype
+    module: torch.jit.ScriptModule
+    manifest: Manifest
+    directory: Path
+    lock: threading.Lock = field(default_factory=threading.Lock)  # one forward at a time per model
+
+    @property
+    def input_hw(self) -> tuple[int, int]:
+        return (int(self.manifest.imgsz[0]), int(self.manifest.imgsz[1]))
+
+    @property
+    def label(self) -> str:
+        return f"{self.model} v{self.version} ({self.variant})"
+
+    def forward(self, batch: np.ndarray) -> np.ndarray:
+        """Raw float32 output for a (B, 3, H, W) input; ``ModelOutputError`` when it is not finite."""
+        x = torch.from_numpy(batch).to(device=self.device, dtype=self.dtype)
+        with self.lock, torch.inference_mode():
+            raw = first_tensor(self.module(x)).float().cpu().numpy()
+        if not np.isfinite(raw).all():
+            raise ModelOutputError(f"{self.label} produced NaN or infinite outputs")
+        return raw
+
+    def detect(self, image_bgr: np.ndarray) -> Detections:
+        """Letterbox, forward, decode with NMS, and map the boxes back to the image's own pixels."""
+        padded, info = letterbox(image_bgr, self.input_hw)
+        raw = self.forward(to_input_array([padded]))
+        thresholds = self.manifest.thresholds
+        found = decode(raw, conf=thresholds.conf, iou=thresholds.nms_iou, max_det=thresholds.max_det)[0]
+        return Detections(
+            boxes=scale_boxes_to_original(found.boxes, info), scores=found.scores, class_ids=found.class_ids
+        )
+
+
+@dataclass(frozen=True)
+class DetectResult:
+    model: str
+    version: str
+    variant: str
+    device: str
+    detections: list[dict[str, object]]
+    latency_ms: float
+
+
+@dataclass(frozen=True)
+class Inference:
+    """What one request did, for telemetry and probation."""
+
+    model: LoadedModel
+    latency_ms: float
+    detections: int
+    confidence_sum: float
+    error: str | None
+
+
+Observer = Callable[[Inference], None]
+
+
+def load_model(directory: Path, manifest: Manifest, variant: str, *, model: str, version: str) -> LoadedModel:
+    """Load ``variant`` of an installed bundle onto its device (``map_location``) and warm it up.
+
+    ``model`` is the registered model's name (the manifest's own name is the exporter's).
+    """
+    spec = manifest.variants[variant]
+    device = "cuda:0" if spec.device == "cuda" else "cpu"
+    module = load_torchscript(safe_join(directory, spec.path), device)
+    loaded = LoadedModel(
+        model=model,
+        version=version,
+        variant=variant,
+        device=device,
+        dtype=TORCH_DTYPES[spec.dtype],
+        module=module,
+        manifest=manifest,
+        directory=directory,
+    )
+    sample = np.zeros((spec.batch, 3, *loaded.input_hw), dtype=np.float32)
+    for _ in range(WARMUP_RUNS):
+        loaded.forward(sample)
+    return loaded
+
+
+class InferenceRuntime:
+    """Serves detections from the current model; swaps, keeps a standby during probation, falls back to CPU."""
+
+    def __init__(self, observer: Observer | None = None) -> None:
+        self._serving: LoadedModel | None = None
+        self._standby: LoadedModel | None = None
+        self._observer = observer or (lambda _inference: None)
+        self._swap_lock = threading.Lock()
+        self.cpu_fallback: Callable[[LoadedModel], LoadedModel | None] | None = None
+
+    @property
+    def serving(self) -> LoadedModel | None:
+        return self._serving
+
+    @property
+    def standby(self) -> LoadedModel | None:
+        return self._standby
+
+    def swap(self, new: LoadedModel, *, keep_standby: bool) -> LoadedModel | None:
+        """Make ``new`` the serving model in one assignment; the old one becomes the standby if asked."""
+        with self._swap_lock:
+            old = self._serving
+            self._standby = old if keep_standby else None
+            self._serving = new
+        log.info("serving %s on %s (was %s)", new.label, new.device, old.label if old else "nothing")
+        return old
+
+    def drop_standby(self) -> None:
+        self._standby = None
+
+    def unload(self) -> None:
+        """Serve nothing (a first version that failed probation, with no earlier one to go back to)."""
+        with self._swap_lock:
+            self._serving, self._standby = None, None
+
+    def detect_bytes(self, data: bytes) -> DetectResult:
+        """Detections for an encoded image; ``ValueError`` when the bytes are not an image."""
+        return self.detect(decode_image_bytes(data))
+
+    def detect(self, image_bgr: np.ndarray) -> DetectResult:
+        """Detections for an HWC BGR uint8 image, from the model serving when the request started."""
+        model = self._serving
+        if model is None:
+            raise NoModelError("no validated model is loaded yet")
+        try:
+            return self._run(model, image_bgr)
+        except (ModelOutputError, RuntimeError) as exc:
+            backup = self._backup_for(model, exc)
+            if backup is None:
+                raise
+            return self._run(backup, image_bgr)
+
+    def probe(self, batch: np.ndarray) -> None:
+        """Run golden inputs through the serving model (probation with little traffic); failures are recorded."""
+        model = self._serving
+        if model is None:
+            return
+        started = time.perf_counter()
+        error = None
+        try:
+            model.forward(batch)
+        except RuntimeError as exc:
+            error = str(exc)
+        self._observer(Inference(model, (time.perf_counter() - started) * 1000.0, 0, 0.0, error))
+
+    def _run(self, model: LoadedModel, image_bgr: np.ndarray) -> DetectResult:
+        started = time.perf_counter()
+        try:
+            found = model.detect(image_bgr)
+        except RuntimeError as exc:
+            self._observer(Inference(model, (time.perf_counter() - started) * 1000.0, 0, 0.0, str(exc)))
+            raise
+        latency_ms = (time.perf_counter() - started) * 1000.0
+        self._observer(Inference(model, latency_ms, len(found), float(found.scores.sum()), None))
+        return DetectResult(
+            model=model.model,
+            version=model.version,
+            variant=model.variant,
+            device=model.device,
+            detections=found.to_records(model.manifest.names),
+            latency_ms=latency_ms,
+        )
+
+    def _backup_for(self, failed: LoadedModel, exc: BaseException) -> LoadedModel | None:
+        """The model to answer with after ``failed`` raised: the standby, or the CPU variant after a CUDA error."""
+        if failed is self._serving and self._standby is not None:
+            log.warning("%s failed a request (%s): answered by %s", failed.label, exc, self._standby.label)
+            return self._standby
+        if failed.device.startswith("cuda") and self.cpu_fallback is not None:
+            with self._swap_lock:
+                if self._serving is not failed:  # another request already moved on
+                    return self._serving
+                replacement = self.cpu_fallback(failed)
+                if replacement is not None:
+                    self._serving = replacement
+            return replacement
+        return None

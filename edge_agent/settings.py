@@ -1,0 +1,119 @@
+"""Settings of the edge agent: flags, then ``YOLO_OTA_AGENT_*`` environment variables, then a TOML file.
+
+The file is named by ``--config`` or ``YOLO_OTA_AGENT_CONFIG``. Built once in ``main`` (or by a test, or by a
+program that embeds the agent) and passed down; never read at import time.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+from edge_agent.errors import ConfigurationError
+
+CONFIG_FILE_ENV = "YOLO_OTA_AGENT_CONFIG"
+_DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+
+
+class AgentSettings(BaseSettings):
+    """Everything the agent reads."""
+
+    model_config = SettingsConfigDict(env_prefix="YOLO_OTA_AGENT_", extra="ignore", frozen=True)
+
+    server: str  # rollout service base URL
+    device_id: str
+    data_dir: Path
+    enrollment_token: str | None = None  # only needed until the device token is saved
+    public_key: Path | None = None  # with a key, unsigned or badly signed bundles are refused
+    listen: str | None = "127.0.0.1:8710"  # local API; None: no HTTP server (in-process use)
+    labels: dict[str, str] = Field(default_factory=dict)
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+
+    poll_interval_s: float | None = Field(default=None, gt=0)  # default: what the service says
+    poll_jitter: float = Field(default=0.1, ge=0, le=1)  # +- this fraction of the interval
+    backoff_max_s: float = Field(default=300.0, gt=0)
+    http_timeout_s: float = Field(default=30.0, gt=0)
+    report_interval_s: float = Field(default=30.0, gt=0)  # telemetry; events are sent at once
+
+    download_attempts: int = Field(default=5, ge=1)
+    min_free_bytes: int = Field(default=64 << 20, ge=0)  # kept free on the data dir's disk after a download
+    validation_timeout_s: float = Field(default=600.0, gt=0)
+    validation_nice: int = Field(default=10, ge=0, le=19)  # validation yields the CPU to serving
+    memory_headroom: float = Field(default=0.2, ge=0, lt=1)  # GPU share that must stay free after loading
+
+    probation_inferences: int = Field(default=200, ge=1)
+    probation_s: float = Field(default=60.0, gt=0)
+    probation_min_inferences: int = Field(default=20, ge=1)  # probed with golden inputs when traffic is scarce
+    probation_p99_factor: float = Field(default=1.5, ge=1)
+    keep_versions: int = Field(default=3, ge=2)  # installed versions kept on disk, the serving one included
+    # Seconds to wait right after a state is saved, before its step runs: for crash-recovery drills (kill the
+    # agent while it sits in a state) and demos. Empty in production.
+    pause_on_enter: dict[str, float] = Field(default_factory=dict)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = os.environ.get(CONFIG_FILE_ENV)
+        if config_file:
+            if not Path(config_file).is_file():
+                raise ConfigurationError(f"{CONFIG_FILE_ENV}={config_file}: no such file")
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config_file))
+        return tuple(sources)
+
+    @field_validator("server")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError(f"{value!r} is not an http(s) URL")
+        return value.rstrip("/")
+
+    @field_validator("device_id")
+    @classmethod
+    def _device_id(cls, value: str) -> str:
+        if not _DEVICE_ID.match(value):
+            raise ValueError(f"{value!r}: letters, digits and . _ : - only, starting with a letter or digit")
+        return value
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str | None) -> str | None:
+        if value in (None, "", "off"):
+            return None
+        host, _, port = value.rpartition(":")
+        if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError(f"{value!r} is not HOST:PORT")
+        return value
+
+    @property
+    def listen_address(self) -> tuple[str, int] | None:
+        if self.listen is None:
+            return None
+        host, _, port = self.listen.rpartition(":")
+        return host, int(port)
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> AgentSettings:
+    """Settings from ``overrides`` (flags), the environment and the config file; one readable error if invalid."""
+    if config_file is not None:
+        os.environ[CONFIG_FILE_ENV] = str(config_file)
+    try:
+        return AgentSettings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "settings"
+        flag = "--" + where.replace("_", "-")
+        raise ConfigurationError(
+            f"{flag} (or YOLO_OTA_AGENT_{where.upper()}): {first['msg']}".replace("Field required", "required")
+        ) from None

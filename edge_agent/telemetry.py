@@ -1,0 +1,167 @@
+"""What the serving models did: windows for the reports to the rollout service, totals for ``/metrics``, and
+the probation watch that judges a freshly swapped-in version.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from edge_agent.protocol import LatencyFigures, ReportTelemetry
+from edge_agent.runtime import Inference
+
+LATENCY_WINDOW = 2048  # latencies kept per version for the percentiles
+
+
+def percentile_ms(values: deque[float] | list[float], q: float) -> float:
+    return float(np.percentile(np.fromiter(values, dtype=np.float64), q)) if values else 0.0
+
+
+@dataclass
+class _Window:
+    model: str
+    inferences: int = 0
+    errors: int = 0
+    detections: int = 0
+    confidence_sum: float = 0.0
+    latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
+
+    def add(self, inference: Inference) -> None:
+        self.inferences += 1
+        if inference.error is not None:
+            self.errors += 1
+            return
+        self.detections += inference.detections
+        self.confidence_sum += inference.confidence_sum
+        self.latencies_ms.append(inference.latency_ms)
+
+    def report(self, version: str) -> ReportTelemetry:
+        ok = self.inferences - self.errors
+        return ReportTelemetry(
+            version=version,
+            model=self.model,
+            inferences=self.inferences,
+            errors=self.errors,
+            latency_ms=LatencyFigures(
+                p50=percentile_ms(self.latencies_ms, 50), p99=percentile_ms(self.latencies_ms, 99)
+            ),
+            detections_per_image=self.detections / ok if ok else 0.0,
+            mean_confidence=min(1.0, self.confidence_sum / self.detections) if self.detections else 0.0,
+        )
+
+
+class Telemetry:
+    """Per-version windows since the last report, and totals since the agent started."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._windows: dict[str, _Window] = {}
+        self._totals: dict[str, _Window] = {}
+
+    def observe(self, inference: Inference) -> None:
+        version = inference.model.version
+        with self._lock:
+            for table in (self._windows, self._totals):
+                window = table.get(version)
+                if window is None:
+                    window = table[version] = _Window(model=inference.model.model)
+                window.add(inference)
+
+    def take(self) -> list[ReportTelemetry]:
+        """The windows since the last call, one per version that served; they start again empty."""
+        with self._lock:
+            windows, self._windows = self._windows, {}
+        return [window.report(version) for version, window in windows.items() if window.inferences]
+
+    def putback(self, reports: list[ReportTelemetry]) -> None:
+        """Merge undelivered windows back (counts only: their percentiles are re-sent as they were)."""
+        with self._lock:
+            for report in reports:
+                window = self._windows.setdefault(report.version, _Window(model=report.model or ""))
+                window.inferences += report.inferences
+                window.errors += report.errors
+                ok = report.inferences - report.errors
+                window.detections += round(report.detections_per_image * ok)
+                window.confidence_sum += report.mean_confidence * round(report.detections_per_image * ok)
+                window.latencies_ms.extend([report.latency_ms.p50, report.latency_ms.p99])
+
+    def totals(self) -> dict[str, ReportTelemetry]:
+        with self._lock:
+            return {version: window.report(version) for version, window in self._totals.items()}
+
+    def p99_ms(self, version: str) -> float | None:
+        """Recent p99 of ``version`` since the agent started, or None when it has served nothing."""
+        with self._lock:
+            window = self._totals.get(version)
+            return percentile_ms(window.latencies_ms, 99) if window and window.latencies_ms else None
+
+
+@dataclass(frozen=True)
+class Verdict:
+    passed: bool
+    reason: str
+
+
+class ProbationWatch:
+    """Judges the version swapped in: N inferences or T seconds, whichever comes first, with at least a minimum
+    number of inferences (the agent probes with golden inputs when traffic is scarce).
+
+    Fails at once on an error or a NaN/inf output, and at the end when p99 exceeds
+    ``max(budget, factor x previous p99)``.
+    """
+
+    def __init__(
+        self,
+        version: str,
+        *,
+        inferences: int,
+        duration_s: float,
+        min_inferences: int,
+        budget_ms: float | None,
+        previous_p99_ms: float | None,
+        p99_factor: float,
+    ) -> None:
+        self.version = version
+        self._target = inferences
+        self._min = min(min_inferences, inferences)
+        self._deadline = time.monotonic() + duration_s
+        limits = [x for x in (budget_ms, p99_factor * previous_p99_ms if previous_p99_ms else None) if x]
+        self.limit_ms = max(limits) if limits else math.inf
+        self._lock = threading.Lock()
+        self.inferences = 0
+        self.errors: list[str] = []
+        self._latencies_ms: list[float] = []
+
+    def observe(self, inference: Inference) -> None:
+        if inference.model.version != self.version:
+            return
+        with self._lock:
+            self.inferences += 1
+            if inference.error is not None:
+                self.errors.append(inference.error)
+            else:
+                self._latencies_ms.append(inference.latency_ms)
+
+    @property
+    def needs_probes(self) -> bool:
+        return time.monotonic() >= self._deadline and self.inferences < self._min
+
+    def verdict(self) -> Verdict | None:
+        """None while undecided; else whether the version passed, and why."""
+        with self._lock:
+            if self.errors:
+                return Verdict(False, f"{len(self.errors)} failed inference(s) in probation: {self.errors[0][:200]}")
+            done = self.inferences >= self._target or (
+                time.monotonic() >= self._deadline and self.inferences >= self._min
+            )
+            if not done:
+                return None
+            p99 = percentile_ms(self._latencies_ms, 99)
+        if p99 > self.limit_ms:
+            return Verdict(False, f"p99 {p99:.1f} ms over {self.inferences} inferences exceeds {self.limit_ms:.1f} ms")
+        return Verdict(True, f"{self.inferences} inferences, no error, p99 {p99:.1f} ms (limit {self.limit_ms:.1f} ms)")
