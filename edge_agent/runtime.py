@@ -61,8 +61,11 @@ class LoadedModel:
     def forward(self, batch: np.ndarray) -> np.ndarray:
         """Raw float32 output for a (B, 3, H, W) input; ``ModelOutputError`` when it is not finite."""
         x = torch.from_numpy(batch).to(device=self.device, dtype=self.dtype)
-        with self.lock, torch.inference_mode():
-            raw = first_tensor(self.module(x)).float().cpu().numpy()
+        try:
+            with self.lock, torch.inference_mode():
+                raw = first_tensor(self.module(x)).float().cpu().numpy()
+        except torch.jit.Error as exc:  # a ``raise`` inside TorchScript; not a RuntimeError subclass
+            raise RuntimeError(f"{self.label}: {exc}") from exc
         if not np.isfinite(raw).all():
             raise ModelOutputError(f"{self.label} produced NaN or infinite outputs")
         return raw

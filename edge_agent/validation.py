@@ -84,6 +84,8 @@ def _memory_free_fraction(device: str) -> float | None:
 
 
 def _run_child(bundle_dir: Path, variant_name: str, headroom: float) -> ValidationResult:
+    import torch
+
     from exporters.bundle import read_manifest
     from exporters.bundle import safe_join as bundle_join
     from exporters.errors import ExportError, one_line
@@ -105,7 +107,7 @@ def _run_child(bundle_dir: Path, variant_name: str, headroom: float) -> Validati
             latency_budget_ms=manifest.latency_budget_ms,
             sweep_memory=False,
         )
-    except (ExportError, RuntimeError) as exc:
+    except (ExportError, RuntimeError, torch.jit.Error) as exc:
         return ValidationResult(
             variant=variant_name, device=device, passed=False, failures=["load"], detail=one_line(exc)
         )

@@ -5,6 +5,7 @@ Every fault test ends with the agent serving a validated model and the service h
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import httpx
@@ -12,8 +13,6 @@ import pytest
 from agent_stack import AgentStack
 from agents import RunningAgent, start_agent
 from faultproxy import Corrupt, Cut, Rewrite, rewrite_json
-
-SAMPLE = Path(__file__).resolve().parent / "assets"
 
 
 @pytest.fixture(scope="module")
@@ -100,4 +99,156 @@ def test_digest_mismatch_is_refused(agent_stack: AgentStack, tmp_path: Path) -> 
             agent_stack.mlflow_proxy.clear_rules()
         assert rule.applied >= 2  # fetched again once before giving up
     finally:
+        agent.stop()
+
+
+def test_bad_signature_is_refused(agent_stack: AgentStack, tmp_path: Path) -> None:
+    agent = lane_agent(agent_stack, tmp_path, "badsig")
+    try:
+        refused(agent_stack, agent, "badsig", "does not match")
+    finally:
+        agent.stop()
+
+
+def test_unsigned_bundle_is_refused_with_a_key(agent_stack: AgentStack, tmp_path: Path) -> None:
+    agent = lane_agent(agent_stack, tmp_path, "unsigned")
+    try:
+        refused(agent_stack, agent, "unsigned", "unsigned")
+    finally:
+        agent.stop()
+
+
+def test_incompatible_fingerprint_is_refused(agent_stack: AgentStack, tmp_path: Path) -> None:
+    """The service judged by the fingerprint the device enrolled with (torch 99.9); the agent judges by its own."""
+    stack = agent_stack
+    device = stack.fleet.enroll("dev-newer", labels={"lane": "newer"}, torch="99.9")
+    data_dir = tmp_path / "newer"
+    data_dir.mkdir()
+    (data_dir / "device-token").write_text(device.token)  # provisioned out of band: the agent uses it as is
+    agent = start_agent(
+        data_dir, server_url=stack.service_proxy.url, device_id="dev-newer", public_key=stack.versions.public_key
+    )
+    try:
+        stack.roll_out("newer", "good1")
+        agent.wait_serving(stack.versions["good1"])
+        refused(stack, agent, "newer_torch", "incompatible fingerprint")
+    finally:
+        agent.stop()
+
+
+def test_parity_failure_is_refused(agent_stack: AgentStack, tmp_path: Path) -> None:
+    agent = lane_agent(agent_stack, tmp_path, "parity")
+    try:
+        refused(agent_stack, agent, "shifted", "detection_parity")
+        assert not list(agent.data_dir.glob("staging/*/*/variants")), "a refused offer's staging is discarded"
+    finally:
+        agent.stop()
+
+
+def test_too_slow_for_its_budget_is_refused(agent_stack: AgentStack, tmp_path: Path) -> None:
+    agent = lane_agent(agent_stack, tmp_path, "slow")
+    try:
+        refused(agent_stack, agent, "slow", "latency")
+    finally:
+        agent.stop()
+
+
+def test_failing_after_the_swap_rolls_back_without_failing_requests(
+    agent_stack: AgentStack, tmp_path: Path, bus_jpg: bytes
+) -> None:
+    """The nan version passes validation, then returns NaN in probation: the agent rolls back to good1, and
+    requests that hit the bad model are answered by the standby, so the client sees no failure."""
+    settings = {"PROBATION_INFERENCES": "80", "PROBATION_MIN_INFERENCES": "60", "PROBATION_S": "3"}
+    agent = lane_agent(agent_stack, tmp_path, "probation", settings=settings)
+    stop = threading.Event()
+    answers: list[tuple[int, str | None]] = []
+
+    def client() -> None:
+        with httpx.Client(timeout=30) as http:
+            while not stop.is_set():
+                response = http.post(agent.url + "/v1/detect", content=bus_jpg)
+                answers.append((response.status_code, response.json().get("version")))
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    try:
+        status = refused(agent_stack, agent, "nan", "NaN")
+        assert status["standby"] is None
+        stop.set()
+        thread.join()
+        assert answers and all(code == 200 for code, _ in answers), [a for a in answers if a[0] != 200][:3]
+        events = agent_stack.events(agent.device_id)
+        nan_states = [e["state"] for e in events if e["version"] == agent_stack.versions["nan"]]
+        assert "probation" in nan_states and "rolled_back" in nan_states and "committed" not in nan_states
+    finally:
+        stop.set()
+        thread.join()
+        agent.stop()
+
+
+def test_cut_download_resumes_with_a_range_request(agent_stack: AgentStack, tmp_path: Path) -> None:
+    agent = lane_agent(agent_stack, tmp_path, "cut")
+    proxy = agent_stack.mlflow_proxy
+    try:
+        rule = proxy.add_rule(Cut("model.torchscript", after_bytes=1_000_000, times=1))
+        before = len(proxy.seen)
+        agent_stack.roll_out("cut", "good2")
+        agent.wait_serving(agent_stack.versions["good2"])
+        assert rule.applied == 1
+        ranged = [s for s in proxy.seen[before:] if "model.torchscript" in s.path and s.range]
+        assert ranged and ranged[0].status == 206, proxy.seen[before:]
+        offset = int(ranged[0].range.removeprefix("bytes=").removesuffix("-"))  # type: ignore[union-attr]
+        assert 0 < offset <= 1_000_000  # what reached the disk before the cut, in whole chunks
+        assert f"resuming at byte {offset} of" in agent.log_tail(20000)
+    finally:
+        proxy.clear_rules()
+        agent.stop()
+
+
+def test_service_outage_keeps_serving_and_delivers_reports_later(
+    agent_stack: AgentStack, tmp_path: Path, bus_jpg: bytes
+) -> None:
+    stack = agent_stack
+    agent = lane_agent(stack, tmp_path, "outage", settings={"PAUSE_ON_ENTER": '{"downloading": 1.5}'})
+    good2 = stack.versions["good2"]
+    try:
+        stack.roll_out("outage", "good2")
+        agent.wait_for("the download to start", lambda s: s["state"] == "downloading")
+        stack.service_proxy.down = True
+        # The update goes on (files come from MLflow), and so does serving.
+        status = agent.wait_serving(good2)
+        assert agent.detect(bus_jpg).json()["version"] == good2
+        status = agent.wait_for("a failed poll", lambda s: s["last_poll"]["ok"] is False)
+        assert status["reports_queued"] > 0
+        assert stack.device("dev-outage")["current_version"] == stack.versions["good1"]  # nothing arrived yet
+    finally:
+        stack.service_proxy.down = False
+    try:
+        stack.fleet.wait_for("the queued reports", lambda: stack.device("dev-outage")["current_version"] == good2)
+        states = [e["state"] for e in stack.events("dev-outage") if e["version"] == good2]
+        assert {"validating", "swapping", "probation", "committed"} <= set(states), states
+        agent.wait_for("an empty outbox", lambda s: s["reports_queued"] == 0)
+    finally:
+        agent.stop()
+
+
+def test_path_traversal_entry_is_refused(agent_stack: AgentStack, tmp_path: Path) -> None:
+    """A desired state (as a compromised or buggy service could send) naming a file outside the staging folder."""
+    stack = agent_stack
+    agent = lane_agent(stack, tmp_path, "traversal")
+    good2 = stack.versions["good2"]
+
+    def add_escape(desired: dict[str, object]) -> dict[str, object]:
+        if desired.get("version") == good2:
+            files = list(desired["files"])  # type: ignore[call-overload]
+            files.append({**files[0], "path": "../../../escaped.bin"})
+            desired["files"] = files
+        return desired
+
+    stack.service_proxy.add_rule(Rewrite("dev-traversal/desired", rewrite_json(add_escape)))
+    try:
+        refused(stack, agent, "good2", "leaves the bundle directory")
+        assert not list(tmp_path.rglob("escaped.bin"))
+    finally:
+        stack.service_proxy.clear_rules()
         agent.stop()
