@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from agents import RunningAgent, start_agent
 from fault_bundles import (
     load_variant,
     nan_after,
@@ -144,3 +145,41 @@ def agent_stack(
     service_proxy.stop()
     service.stop()
     mlflow_proxy.stop()
+
+
+@pytest.fixture(scope="session")
+def bus_jpg() -> bytes:
+    import ultralytics
+
+    return (Path(ultralytics.__file__).parent / "assets" / "bus.jpg").read_bytes()
+
+
+def lane_agent(stack: AgentStack, tmp_path: Path, lane: str, **kwargs: object) -> RunningAgent:
+    """An agent labelled ``lane=<lane>`` that verifies signatures, already serving good1."""
+    agent = start_agent(
+        tmp_path / lane,
+        server_url=stack.service_proxy.url,
+        device_id=f"dev-{lane}",
+        labels={"lane": lane},
+        public_key=stack.versions.public_key,
+        **kwargs,  # type: ignore[arg-type]
+    )
+    stack.roll_out(lane, "good1")
+    agent.wait_serving(stack.versions["good1"])
+    return agent
+
+
+def refused(stack: AgentStack, agent: RunningAgent, role: str, fragment: str) -> dict[str, object]:
+    """Roll out ``role``; wait until the agent refused it, still serving good1; the service has the reason."""
+    version = stack.versions[role]
+    stack.roll_out(agent.device_id.removeprefix("dev-"), role)
+    status = agent.wait_for(
+        f"v{version} refused", lambda s: s["state"] == "idle" and any(f":{version}:" in k for k in s["rejected"])
+    )
+    assert status["serving"]["version"] == stack.versions["good1"]
+    events = stack.fleet.wait_for(
+        "the refusal to reach the service",
+        lambda: [e for e in stack.events(agent.device_id) if e["version"] == version and not e["ok"]],
+    )
+    assert any(fragment in str(e["reason"]) for e in events), events
+    return status

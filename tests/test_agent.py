@@ -9,48 +9,11 @@ import threading
 from pathlib import Path
 
 import httpx
-import pytest
-from agent_stack import AgentStack
-from agents import RunningAgent, start_agent
+from agent_stack import AgentStack, AgentVersions, lane_agent, refused
+from agents import start_agent
 from faultproxy import Corrupt, Cut, Rewrite, rewrite_json
-
-
-@pytest.fixture(scope="module")
-def bus_jpg() -> bytes:
-    import ultralytics
-
-    return (Path(ultralytics.__file__).parent / "assets" / "bus.jpg").read_bytes()
-
-
-def lane_agent(stack: AgentStack, tmp_path: Path, lane: str, **kwargs: object) -> RunningAgent:
-    """An agent labelled ``lane=<lane>`` that verifies signatures, already serving good1."""
-    agent = start_agent(
-        tmp_path / lane,
-        server_url=stack.service_proxy.url,
-        device_id=f"dev-{lane}",
-        labels={"lane": lane},
-        public_key=stack.versions.public_key,
-        **kwargs,  # type: ignore[arg-type]
-    )
-    stack.roll_out(lane, "good1")
-    agent.wait_serving(stack.versions["good1"])
-    return agent
-
-
-def refused(stack: AgentStack, agent: RunningAgent, role: str, fragment: str) -> dict[str, object]:
-    """Roll out ``role``; wait until the agent refused it, still serving good1; the service has the reason."""
-    version = stack.versions[role]
-    stack.roll_out(agent.device_id.removeprefix("dev-"), role)
-    status = agent.wait_for(
-        f"v{version} refused", lambda s: s["state"] == "idle" and any(f":{version}:" in k for k in s["rejected"])
-    )
-    assert status["serving"]["version"] == stack.versions["good1"]
-    events = stack.fleet.wait_for(
-        "the refusal to reach the service",
-        lambda: [e for e in stack.events(agent.device_id) if e["version"] == version and not e["ok"]],
-    )
-    assert any(fragment in str(e["reason"]) for e in events), events
-    return status
+from fleet import Fleet
+from servers import ENROLLMENT_TOKEN, RunningServer, start_rollout_service
 
 
 def test_happy_path_promotion_to_detect(agent_stack: AgentStack, tmp_path: Path, bus_jpg: bytes) -> None:
@@ -71,9 +34,16 @@ def test_happy_path_promotion_to_detect(agent_stack: AgentStack, tmp_path: Path,
         for d in body["detections"]:
             assert set(d) == {"box", "score", "class_id", "class_name"} and 0 < d["score"] <= 1
 
-        stack.roll_out("happy", "good2")
+        rollout = stack.roll_out("happy", "good2")
         agent.wait_serving(stack.versions["good2"])
-        assert agent.detect(bus_jpg).json()["version"] == stack.versions["good2"]
+        for _ in range(5):
+            assert agent.detect(bus_jpg).json()["version"] == stack.versions["good2"]
+        # Telemetry of the new version reaches the service and is counted in the rollout's treatment arm.
+        arm = stack.fleet.wait_for(
+            "telemetry in the rollout",
+            lambda: next((a for a in stack.fleet.rollout(rollout["id"])["arms"] if a["inferences"] >= 5), None),
+        )
+        assert arm["version"] == stack.versions["good2"] and arm["errors"] == 0 and arm["latency_p99_ms"] > 0
         device = stack.fleet.wait_for(
             "the commit to reach the service",
             lambda: (d := stack.device("dev-happy"))["current_version"] == stack.versions["good2"] and d,
@@ -252,3 +222,74 @@ def test_path_traversal_entry_is_refused(agent_stack: AgentStack, tmp_path: Path
     finally:
         stack.service_proxy.clear_rules()
         agent.stop()
+
+
+def test_python_api_in_process(agent_stack: AgentStack, tmp_path: Path, bus_jpg: bytes) -> None:
+    """The same agent embedded in a program: no HTTP server, detections from a numpy image."""
+    from edge_agent import Agent, AgentSettings
+    from exporters.preprocess import decode_image_bytes
+
+    stack = agent_stack
+    settings = AgentSettings(
+        server=stack.service.url,
+        device_id="dev-inproc",
+        data_dir=tmp_path / "inproc",
+        enrollment_token=ENROLLMENT_TOKEN,
+        listen=None,
+        labels={"lane": "inproc"},
+        poll_interval_s=0.3,
+        report_interval_s=0.5,
+        probation_s=1.0,
+        probation_min_inferences=5,
+        memory_headroom=0.02,
+        min_free_bytes=0,
+    )
+    agent = Agent(settings).start()
+    try:
+        stack.roll_out("inproc", "good1")
+        stack.fleet.wait_for("the in-process agent to serve", lambda: agent.status()["state"] == "idle" and
+                             agent.runtime.serving is not None, timeout_s=90)  # fmt: skip
+        result = agent.detect(decode_image_bytes(bus_jpg))
+        assert result.version == stack.versions["good1"] and result.model == stack.versions.model
+        assert result.detections == agent.detect(bus_jpg).detections  # array and bytes take the same path
+    finally:
+        agent.stop()
+
+
+def test_promotion_in_mlflow_reaches_the_agent(
+    agent_versions: AgentVersions, mlflow_server: RunningServer, tmp_path: Path, bus_jpg: bytes
+) -> None:
+    """The whole loop from a person's promotion: alias ``production`` set in MLflow -> the service's canary ->
+    the agent downloads, validates, swaps, commits and reports -> ``POST /v1/detect`` answers from it."""
+    from mlflow import MlflowClient
+
+    from registry.mlflow_gateway import MlflowGateway
+
+    service = start_rollout_service(
+        tmp_path / "service",
+        mlflow_url=mlflow_server.url,
+        settings={
+            "WATCH_MODELS": agent_versions.model,
+            "POLL_INTERVAL_S": "1",
+            "DEFAULT_WAVES": '[{"percent": 100, "bake_s": 0, "max_failure_rate": 0.5, "min_success_rate": 0.5}]',
+        },
+    )
+    agent = start_agent(tmp_path / "agent", server_url=service.url, device_id="dev-promoted")
+    fleet = Fleet(service.url)
+    version = agent_versions["good2"]
+    try:
+        MlflowGateway(mlflow_server.url).promote(agent_versions.model, version)
+        agent.wait_serving(version, timeout_s=120)
+        answer = agent.detect(bus_jpg)
+        assert answer.status_code == 200 and answer.json()["version"] == version
+        rollouts = fleet.op("GET", "/v1/rollouts")["rollouts"]
+        assert [(r["version"], r["created_by"]) for r in rollouts] == [(version, "mlflow-alias")], rollouts
+        rollout = fleet.wait_state(rollouts[0]["id"], "completed")
+        assert rollout["arms"][0]["succeeded"] == 1
+        events = fleet.op("GET", "/v1/devices/dev-promoted")["last_events"]
+        assert {"downloading", "validating", "committed"} <= {e["state"] for e in events if e["version"] == version}
+    finally:
+        MlflowClient(mlflow_server.url).delete_registered_model_alias(agent_versions.model, "production")
+        fleet.close()
+        agent.stop()
+        service.stop()

@@ -1,0 +1,133 @@
+"""The agent's parts on real files and a real HTTP server on loopback: resumable downloads, disk-space refusal,
+variant choice without CUDA, pruning of installed versions, the outbox."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from faultproxy import Cut, FaultProxy
+
+from edge_agent.download import Downloader
+from edge_agent.errors import DiskSpaceError, VerificationFailed
+from edge_agent.protocol import DesiredState
+from edge_agent.reporting import Outbox, event
+from edge_agent.store import Installed, VersionStore
+from edge_agent.verify import choose_variant
+from exporters.bundle import MANIFEST_NAME, Variant, read_manifest
+
+PAYLOAD = bytes(range(256)) * 4096  # 1 MiB
+
+
+@pytest.fixture
+def files_server(tmp_path: Path) -> Iterator[str]:
+    """A plain static file server (no Range support of its own) over a folder with a manifest and one file."""
+    root = tmp_path / "served"
+    root.mkdir()
+    (root / MANIFEST_NAME).write_bytes(b'{"not": "checked here"}')
+    (root / "model.bin").write_bytes(PAYLOAD)
+    handler = lambda *a, **k: http.server.SimpleHTTPRequestHandler(*a, directory=str(root), **k)  # noqa: E731
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.RequestHandlerClass.log_message = lambda *a: None  # type: ignore[method-assign]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def offer(base: str, *, path: str = "variants/cpu-fp32/model.torchscript") -> DesiredState:
+    manifest = b'{"not": "checked here"}'
+    return DesiredState.model_validate(
+        {
+            "model": "m",
+            "version": "1",
+            "variant": "cpu-fp32",
+            "files": [
+                {
+                    "path": path,
+                    "url": f"{base}/model.bin",
+                    "sha256": hashlib.sha256(PAYLOAD).hexdigest(),
+                    "bytes": len(PAYLOAD),
+                },
+            ],
+            "manifest_url": f"{base}/{MANIFEST_NAME}",
+            "manifest_sha256": hashlib.sha256(manifest).hexdigest(),
+            "etag": '"x"',
+        }
+    )
+
+
+@pytest.mark.parametrize("ranges", [True, False], ids=["server-honours-ranges", "server-ignores-ranges"])
+def test_cut_download_completes(files_server: str, tmp_path: Path, ranges: bool) -> None:
+    with FaultProxy(files_server, ranges=ranges) as proxy:
+        proxy.add_rule(Cut("model.bin", after_bytes=300_000, times=2))
+        downloader = Downloader(attempts=5, min_free_bytes=0, timeout_s=10)
+        downloader.fetch(offer(proxy.url), tmp_path / "staging")
+        downloader.close()
+        asked = [s.range for s in proxy.requests_to("model.bin")]
+    staged = tmp_path / "staging" / "variants" / "cpu-fp32" / "model.torchscript"
+    assert staged.read_bytes() == PAYLOAD
+    assert len(asked) == 3 and asked[0] is None
+    if ranges:
+        assert all(r is not None and r != "bytes=0-" for r in asked[1:]), asked  # resumed, not restarted
+    assert not list((tmp_path / "staging").rglob("*.part"))
+
+
+def test_download_refused_when_disk_would_fill(files_server: str, tmp_path: Path) -> None:
+    downloader = Downloader(attempts=1, min_free_bytes=1 << 62, timeout_s=10)
+    with pytest.raises(DiskSpaceError, match="must stay free"):
+        downloader.fetch(offer(files_server), tmp_path / "staging")
+    downloader.close()
+    assert not list((tmp_path / "staging").rglob("*.torchscript"))
+
+
+def test_download_refuses_paths_outside_staging(files_server: str, tmp_path: Path) -> None:
+    downloader = Downloader(attempts=1, min_free_bytes=0, timeout_s=10)
+    for path in ("../escape.bin", "/etc/passwd", "variants/../../escape.bin"):
+        with pytest.raises(VerificationFailed, match="refused"):
+            downloader.fetch(offer(files_server, path=path), tmp_path / "staging")
+    downloader.close()
+    assert not (tmp_path / "escape.bin").exists()
+
+
+def test_variant_choice_falls_back_to_cpu_without_cuda(trained_bundle: Path) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the fallback is not taken")
+    manifest = read_manifest(trained_bundle)
+    cuda = Variant(name="cuda-fp16", path="variants/cuda-fp16/model.torchscript", device="cuda", dtype="float16",
+                   batch=1)  # fmt: skip
+    manifest = manifest.model_copy(update={"variants": {**manifest.variants, "cuda-fp16": cuda}})
+    staged = {v.path for v in manifest.variants.values()}
+    assert choose_variant(manifest, staged, "cuda-fp16", "auto") == (
+        "cpu-fp32",
+        "running cpu-fp32 instead of cuda-fp16: no working CUDA device",
+    )
+    assert choose_variant(manifest, staged, "cpu-fp32", "cpu") == ("cpu-fp32", "")
+    with pytest.raises(VerificationFailed, match="none of the staged variants"):
+        choose_variant(manifest, {cuda.path}, "cuda-fp16", "auto")
+
+
+def test_prune_keeps_the_newest_and_the_protected(tmp_path: Path) -> None:
+    store = VersionStore(tmp_path)
+    for version in ("1", "2", "3", "4", "5"):
+        store.staging("m", version).mkdir(parents=True)
+        store.install("m", version, Installed(model="m", version=version, key=f"m:{version}:x", variant="cpu-fp32"))
+    removed = store.prune(3, protect={("m", "1")})
+    assert removed == ["m v2", "m v3"]
+    assert [i.version for i in store.all_installed()] == ["1", "4", "5"]
+
+
+def test_outbox_keeps_order_across_instances(tmp_path: Path) -> None:
+    first = Outbox(tmp_path / "outbox")
+    for state in ("downloading", "verifying", "validating"):
+        first.put(event(state, model="m", version="2", rollout_id=1))
+    again = Outbox(tmp_path / "outbox")  # as after a restart
+    assert [e.state for _, e in again.pending()] == ["downloading", "verifying", "validating"]
+    assert len(again) == 3
