@@ -85,14 +85,21 @@ def main() -> int:
         paths = {"bare TorchScript forward": bare, "agent detect (decode+pre+forward+NMS)": agent,
                  "Ultralytics YOLO(file).predict": predict}  # fmt: skip
         timings: dict[str, list[float]] = {name: [] for name in paths}
+        threads_used: dict[str, set[int]] = {name: set() for name in paths}
+        threads = torch.get_num_threads()
         for fn in paths.values():
             for _ in range(args.warmup):
                 fn()
+        # Ultralytics' predictor sets torch's CPU threads to cpu_count - 1 when it is first set up (in the warm-up
+        # above); put the process's own count back so that all three paths run with the same threads.
+        torch.set_num_threads(threads)
         for _ in range(args.iters):  # interleaved rounds
             for name, fn in paths.items():
                 started = time.perf_counter()
                 fn()
                 timings[name].append((time.perf_counter() - started) * 1000.0)
+                threads_used[name].add(torch.get_num_threads())
+    assert all(used == {threads} for used in threads_used.values()), threads_used
     base_p50 = percentiles(timings["bare TorchScript forward"])[0]
     machine = (
         f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads)"

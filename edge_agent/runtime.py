@@ -123,9 +123,16 @@ def load_model(directory: Path, manifest: Manifest, variant: str, *, model: str,
         manifest=manifest,
         directory=directory,
     )
+    # Warm up the whole request path (image decode libraries, letterbox, the JIT's first optimising runs, NMS),
+    # not only the forward pass, so that the first request after a swap is not the slow one.
+    frame = np.full((*loaded.input_hw, 3), 114, dtype=np.uint8)
+    frame[::7, ::5] = 255
     sample = np.zeros((spec.batch, 3, *loaded.input_hw), dtype=np.float32)
     for _ in range(WARMUP_RUNS):
-        loaded.forward(sample)
+        if spec.batch == 1:
+            loaded.detect(frame)
+        else:
+            loaded.forward(sample)
     return loaded
 
 
