@@ -9,9 +9,30 @@ In-process use::
     agent.stop()
 """
 
-from edge_agent.agent import Agent
-from edge_agent.errors import AgentError
-from edge_agent.runtime import DetectResult
-from edge_agent.settings import AgentSettings, load_settings
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from edge_agent.agent import Agent
+    from edge_agent.errors import AgentError
+    from edge_agent.runtime import DetectResult
+    from edge_agent.settings import AgentSettings, load_settings
 
 __all__ = ["Agent", "AgentError", "AgentSettings", "DetectResult", "load_settings"]
+
+# Imported on first use, so that light modules (edge_agent.state, edge_agent.protocol) load without torch.
+_HOMES = {
+    "Agent": "edge_agent.agent",
+    "AgentError": "edge_agent.errors",
+    "DetectResult": "edge_agent.runtime",
+    "AgentSettings": "edge_agent.settings",
+    "load_settings": "edge_agent.settings",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module 'edge_agent' has no attribute {name!r}")
+    return getattr(importlib.import_module(_HOMES[name]), name)

@@ -20,6 +20,7 @@ import httpx
 
 from edge_agent.errors import DiskSpaceError, DownloadFailed, VerificationFailed
 from edge_agent.protocol import DesiredFile, DesiredState
+from edge_agent.store import write_atomic
 from exporters.bundle import MANIFEST_NAME, SIGNATURE_NAME, sha256_file
 from exporters.bundle import safe_join as bundle_safe_join
 from exporters.errors import UnsafePathError, one_line
@@ -68,10 +69,10 @@ class Downloader:
             raise VerificationFailed(
                 f"{MANIFEST_NAME} has sha256 {digest[:12]}..., the service vouches for {vouched}..."
             )
-        _write_atomic(staging / MANIFEST_NAME, manifest)
+        write_atomic(staging / MANIFEST_NAME, manifest)
         signature = staging / SIGNATURE_NAME
         if desired.signature_url:
-            _write_atomic(signature, self._small(desired.signature_url, "signature"))
+            write_atomic(signature, self._small(desired.signature_url, "signature"))
         else:
             signature.unlink(missing_ok=True)
         total = sum(f.bytes for f in desired.files)
@@ -200,12 +201,3 @@ def _part(path: Path) -> Path:
 def _fsync_file(path: Path) -> None:
     with path.open("rb") as handle:
         os.fsync(handle.fileno())
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    with temporary.open("wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)

@@ -58,7 +58,7 @@ class VersionStore:
         assert offer.model is not None and offer.version is not None
         staging = self.staging(offer.model, offer.version)
         staging.mkdir(parents=True, exist_ok=True)
-        _write(staging / OFFER_FILE, offer.model_dump_json(indent=2))
+        write_atomic(staging / OFFER_FILE, offer.model_dump_json(indent=2).encode())
         return staging
 
     def load_offer(self, model: str, version: str) -> DesiredState | None:
@@ -94,7 +94,9 @@ class VersionStore:
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(staging, target)
             (target / OFFER_FILE).unlink(missing_ok=True)
-        _write(target / INSTALLED_FILE, record.model_copy(update={"installed_seq": seq}).model_dump_json(indent=2))
+        write_atomic(
+            target / INSTALLED_FILE, record.model_copy(update={"installed_seq": seq}).model_dump_json().encode()
+        )
         return target
 
     def all_installed(self) -> list[Installed]:
@@ -123,10 +125,11 @@ class VersionStore:
         return removed
 
 
-def _write(path: Path, text: str) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` so that a kill leaves the old file or the new one: temporary file, fsync, rename."""
     temporary = path.with_name(path.name + ".tmp")
-    with temporary.open("w") as handle:
-        handle.write(text)
+    with temporary.open("wb") as handle:
+        handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(temporary, path)

@@ -9,6 +9,7 @@ import threading
 from pathlib import Path
 
 import httpx
+import pytest
 from agent_stack import AgentStack, AgentVersions, lane_agent, refused
 from agents import start_agent
 from faultproxy import Corrupt, Cut, Rewrite, rewrite_json
@@ -16,7 +17,7 @@ from fleet import Fleet
 from servers import ENROLLMENT_TOKEN, RunningServer, start_rollout_service
 
 
-def test_happy_path_promotion_to_detect(agent_stack: AgentStack, tmp_path: Path, bus_jpg: bytes) -> None:
+def test_happy_path_rollout_to_detect(agent_stack: AgentStack, tmp_path: Path, bus_jpg: bytes) -> None:
     stack = agent_stack
     agent = start_agent(
         tmp_path / "a", server_url=stack.service_proxy.url, device_id="dev-happy", labels={"lane": "happy"}
@@ -72,18 +73,21 @@ def test_digest_mismatch_is_refused(agent_stack: AgentStack, tmp_path: Path) -> 
         agent.stop()
 
 
-def test_bad_signature_is_refused(agent_stack: AgentStack, tmp_path: Path) -> None:
-    agent = lane_agent(agent_stack, tmp_path, "badsig")
+@pytest.mark.parametrize(
+    ("role", "fragment"),
+    [
+        ("badsig", "does not match"),  # signed by another key
+        ("unsigned", "unsigned"),  # no signature while the agent has a public key
+        ("shifted", "detection_parity"),  # boxes moved: fails detection parity on the device
+        ("slow", "latency"),  # a budget this device cannot meet
+    ],
+)
+def test_refused_before_the_swap(agent_stack: AgentStack, tmp_path: Path, role: str, fragment: str) -> None:
+    agent = lane_agent(agent_stack, tmp_path, role)
     try:
-        refused(agent_stack, agent, "badsig", "does not match")
-    finally:
-        agent.stop()
-
-
-def test_unsigned_bundle_is_refused_with_a_key(agent_stack: AgentStack, tmp_path: Path) -> None:
-    agent = lane_agent(agent_stack, tmp_path, "unsigned")
-    try:
-        refused(agent_stack, agent, "unsigned", "unsigned")
+        refused(agent_stack, agent, role, fragment)
+        assert not list(agent.data_dir.glob("staging/*/*/variants")), "a refused offer's staging is discarded"
+        assert [i.endswith(f"v{agent_stack.versions['good1']}") for i in agent.status()["installed"]] == [True]
     finally:
         agent.stop()
 
@@ -102,23 +106,6 @@ def test_incompatible_fingerprint_is_refused(agent_stack: AgentStack, tmp_path: 
         stack.roll_out("newer", "good1")
         agent.wait_serving(stack.versions["good1"])
         refused(stack, agent, "newer_torch", "incompatible fingerprint")
-    finally:
-        agent.stop()
-
-
-def test_parity_failure_is_refused(agent_stack: AgentStack, tmp_path: Path) -> None:
-    agent = lane_agent(agent_stack, tmp_path, "parity")
-    try:
-        refused(agent_stack, agent, "shifted", "detection_parity")
-        assert not list(agent.data_dir.glob("staging/*/*/variants")), "a refused offer's staging is discarded"
-    finally:
-        agent.stop()
-
-
-def test_too_slow_for_its_budget_is_refused(agent_stack: AgentStack, tmp_path: Path) -> None:
-    agent = lane_agent(agent_stack, tmp_path, "slow")
-    try:
-        refused(agent_stack, agent, "slow", "latency")
     finally:
         agent.stop()
 

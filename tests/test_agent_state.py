@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -97,13 +98,15 @@ def test_a_kill_during_saves_leaves_a_whole_state(tmp_path: Path) -> None:
             store.save(AgentState(state=State.downloading if i % 2 else State.verifying, reason="x" * (i % 5000)))
         """
     )
-    for _ in range(5):
+    for attempt in range(5):
+        (tmp_path / STATE_FILE).unlink(missing_ok=True)
         process = subprocess.Popen([sys.executable, "-c", script])
-        try:
-            process.wait(timeout=0.4 + 0.1 * _)
-        except subprocess.TimeoutExpired:
-            os.kill(process.pid, signal.SIGKILL)
-            process.wait()
+        deadline = time.monotonic() + 60
+        while not (tmp_path / STATE_FILE).exists() and time.monotonic() < deadline:  # imports done, saving
+            time.sleep(0.01)
+        time.sleep(0.05 * attempt)
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
         loaded = StateStore(tmp_path).load()
         assert loaded.state in (State.downloading, State.verifying)
     StateStore(tmp_path).load()

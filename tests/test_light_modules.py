@@ -52,3 +52,19 @@ def test_only_the_yolo_module_imports_ultralytics() -> None:
 
 def test_only_the_gateway_imports_mlflow() -> None:
     assert _importers("mlflow") == ["registry/mlflow_gateway.py"]
+
+
+def test_the_agent_imports_neither_mlflow_ultralytics_nor_the_service() -> None:
+    """The whole agent (daemon, local API, validation child) loads none of the server side (DESIGN.md section 1)."""
+    code = (
+        "import sys\n"
+        "import edge_agent.agent, edge_agent.api, edge_agent.validation, edge_agent.verify\n"
+        "from edge_agent import Agent\n"
+        "banned = ('ultralytics', 'mlflow', 'registry', 'fastapi', 'sqlalchemy', 'uvicorn', 'boto3')\n"
+        "print(','.join(sorted(m for m in sys.modules if m.split('.')[0] in banned)))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "", f"the agent imported {done.stdout.strip()}"
+    for package in ("mlflow", "ultralytics", "registry"):
+        assert not [p for p in _importers(package) if p.startswith("edge_agent/")], package
