@@ -23,17 +23,22 @@ LIGHT = (
 )
 
 
-def test_light_modules_do_not_import_ultralytics() -> None:
+def _loaded_in_fresh_interpreter(modules: tuple[str, ...], banned: tuple[str, ...]) -> str:
+    """Import ``modules`` in a new interpreter; the banned top-level packages that ended up loaded."""
     code = (
         "import sys\n"
-        f"for name in {LIGHT!r}:\n"
+        f"for name in {modules!r}:\n"
         "    __import__(name)\n"
-        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('ultralytics', 'mlflow', 'cv2'))\n"
-        "print(','.join(heavy))\n"
+        f"print(','.join(sorted(m for m in sys.modules if m.split('.')[0] in {banned!r})))\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "", f"light modules imported {done.stdout.strip()}"
+    return done.stdout.strip()
+
+
+def test_light_modules_do_not_import_ultralytics() -> None:
+    heavy = _loaded_in_fresh_interpreter(LIGHT, ("ultralytics", "mlflow", "cv2"))
+    assert heavy == "", f"light modules imported {heavy}"
 
 
 def _importers(library: str) -> list[str]:
@@ -56,15 +61,9 @@ def test_only_the_gateway_imports_mlflow() -> None:
 
 def test_the_agent_imports_neither_mlflow_ultralytics_nor_the_service() -> None:
     """The whole agent (daemon, local API, validation child) loads none of the server side (DESIGN.md section 1)."""
-    code = (
-        "import sys\n"
-        "import edge_agent.agent, edge_agent.api, edge_agent.validation, edge_agent.verify\n"
-        "from edge_agent import Agent\n"
-        "banned = ('ultralytics', 'mlflow', 'registry', 'fastapi', 'sqlalchemy', 'uvicorn', 'boto3')\n"
-        "print(','.join(sorted(m for m in sys.modules if m.split('.')[0] in banned)))\n"
-    )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "", f"the agent imported {done.stdout.strip()}"
+    agent = ("edge_agent.agent", "edge_agent.api", "edge_agent.validation", "edge_agent.verify")
+    banned = ("ultralytics", "mlflow", "registry", "fastapi", "sqlalchemy", "uvicorn", "boto3")
+    loaded = _loaded_in_fresh_interpreter(agent, banned)
+    assert loaded == "", f"the agent imported {loaded}"
     for package in ("mlflow", "ultralytics", "registry"):
         assert not [p for p in _importers(package) if p.startswith("edge_agent/")], package
