@@ -349,6 +349,7 @@ class Agent:
             headroom=self.settings.memory_headroom,
             nice=self.settings.validation_nice,
             timeout_s=self.settings.validation_timeout_s,
+            stop=self._stop,
         )
         record = Installed(
             model=st.target_model, version=st.target_version, key=st.target_key or "", variant=variant,

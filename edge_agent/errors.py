@@ -11,6 +11,7 @@ AgentError
 │   └── ProbationFailed     errors, NaN/inf outputs or latency after the swap
 ├── DownloadFailed          a file could not be fetched completely               (retryable)
 │   └── DiskSpaceError      the staging disk would run out                       (retryable once space is freed)
+├── ValidationInterrupted   the agent stopped while validating: validate again   (retryable)
 └── NoModelError            nothing validated to serve yet                       (retryable)
 """
 
@@ -65,6 +66,12 @@ class DownloadFailed(AgentError):
 
 class DiskSpaceError(DownloadFailed):
     """The staging disk would run out."""
+
+
+class ValidationInterrupted(AgentError):
+    """The agent was stopped during validation; the saved state makes the next start validate again."""
+
+    retryable = True
 
 
 class NoModelError(AgentError):

@@ -14,11 +14,13 @@ import logging
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 from pydantic import BaseModel
 
-from edge_agent.errors import ValidationFailed
+from edge_agent.errors import ValidationFailed, ValidationInterrupted
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +49,13 @@ def validate(
     headroom: float,
     nice: int,
     timeout_s: float,
+    stop: threading.Event | None = None,
 ) -> ValidationResult:
-    """Validate ``variant`` of the staged bundle in a child process; ``ValidationFailed`` when it does not pass."""
+    """Validate ``variant`` of the staged bundle in a child process; ``ValidationFailed`` when it does not pass.
+
+    ``stop`` set while the child runs kills it and raises the retryable ``ValidationInterrupted``: the saved
+    state still says validating, so the next start validates again.
+    """
     out = bundle_dir / RESULT_FILE
     out.unlink(missing_ok=True)
     command = [
@@ -56,13 +63,25 @@ def validate(
         "--headroom", str(headroom), "--nice", str(nice), "--out", str(out),
     ]  # fmt: skip
     log.info("validating %s in %s (nice %d)", variant, bundle_dir, nice)
-    try:
-        finished = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, check=False)
-    except subprocess.TimeoutExpired:
-        raise ValidationFailed(f"validation of {variant} took longer than {timeout_s:.0f} s") from None
+    child_log = bundle_dir / "validation.log"
+    deadline = time.monotonic() + timeout_s
+    with child_log.open("wb") as output:
+        child = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
+        try:
+            while child.poll() is None:
+                if stop is not None and stop.wait(0.2):
+                    raise ValidationInterrupted("the agent is stopping")
+                if time.monotonic() > deadline:
+                    raise ValidationFailed(f"validation of {variant} took longer than {timeout_s:.0f} s")
+                if stop is None:
+                    time.sleep(0.2)
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
     if not out.is_file():
-        tail = (finished.stderr or finished.stdout).strip().splitlines()[-3:]
-        raise ValidationFailed(f"validation of {variant} crashed (exit {finished.returncode}): {' | '.join(tail)}")
+        tail = child_log.read_text(errors="replace").strip().splitlines()[-3:]
+        raise ValidationFailed(f"validation of {variant} crashed (exit {child.returncode}): {' | '.join(tail)}")
     result = ValidationResult.model_validate_json(out.read_bytes())
     if not result.passed:
         raise ValidationFailed(f"{variant} failed validation on this device: {result.detail}")
