@@ -296,9 +296,12 @@ class Agent:
         st = self.state
         assert st.target_model is not None and st.target_version is not None
         offer = self.store.load_offer(st.target_model, st.target_version)
+        if offer is None and st.state in _BEFORE_SWAP:  # not the offer's fault: drop it unjudged, poll again
+            log.warning("the staged offer of %s v%s is gone; waiting for the service to offer it again",
+                        st.target_model, st.target_version)  # fmt: skip
+            self.state = self.states.advance(st, Event.failed, reason="staged offer lost")
+            return
         try:
-            if offer is None and st.state in _BEFORE_SWAP:
-                raise UpdateRejected("the offer's details were lost; waiting for the service to offer it again")
             while self.state.state not in (State.idle, State.committed) and not self._stop.is_set():
                 self._step(offer)
         except UpdateRejected as exc:
