@@ -61,7 +61,8 @@ class DesiredIndex:
         now = time.monotonic()
         if not force and now - self._checked_at < self._settings.state_check_interval_s:
             return self._generation
-        if not self._refreshing.acquire(blocking=force):
+        # Until the first read, nobody may go on without it: an empty cache would answer "nothing to run".
+        if not self._refreshing.acquire(blocking=force or self._generation < 0):
             return self._generation
         invalidations = self._invalidations
         try:
@@ -127,13 +128,15 @@ class DesiredIndex:
     def choice(self, device_id: str) -> DesiredChoice:
         """The device's desired (rollout, model, version, variant): the newest rollout with an opinion on it."""
         self.refresh()
-        cached = self._choices.get(device_id)
+        with self._lock:
+            generation, rollouts = self._generation, self._rollouts
+            cached = self._choices.get(device_id)
         if cached is not None:
             return cached
         device = self.device(device_id)
         preference = self._settings.variant_order
         choice = DesiredChoice(None, None, None, None, None, _etag("none", self._settings.poll_interval_s))
-        for rollout in self._rollouts:
+        for rollout in rollouts:
             placement = place(rollout, device, self._catalog.summary, preference)
             if placement.version is None or placement.variant is None:
                 continue
@@ -148,7 +151,9 @@ class DesiredIndex:
                 _etag(key, self._settings.poll_interval_s),
             )
             break
-        self._choices[device_id] = choice
+        with self._lock:
+            if self._generation == generation:  # else the caches were cleared meanwhile: do not store a stale answer
+                self._choices[device_id] = choice
         return choice
 
     def state(self, choice: DesiredChoice) -> DesiredState:
