@@ -16,13 +16,14 @@ from pathlib import Path
 
 from edge_agent.client import ServiceClient
 from edge_agent.errors import AgentError
-from edge_agent.protocol import Report, ReportEvent
+from edge_agent.protocol import Report, ReportEvent, ReportTelemetry
 from edge_agent.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
 BATCH_EVENTS = 200
 MAX_QUEUED_EVENTS = 10_000  # beyond this the oldest are dropped, with a warning: a device offline for months
+MAX_QUEUED_TELEMETRY = 256  # telemetry windows kept in memory while the service is unreachable
 
 
 class Outbox:
@@ -91,6 +92,7 @@ class Reporter:
         self._thread = threading.Thread(target=self._loop, name="reporter", daemon=True)
         self.delivered_events = 0
         self.failures_in_row = 0
+        self._unsent_telemetry: list[ReportTelemetry] = []
 
     def start(self) -> None:
         self._thread.start()
@@ -111,23 +113,20 @@ class Reporter:
         self._wake.set()
 
     def flush(self) -> None:
-        """Send everything queued plus the telemetry windows; raises when the service did not take it."""
-        telemetry = self._telemetry.take()
-        try:
-            while True:
-                batch = self.outbox.pending()
-                extra = telemetry.pop(0) if telemetry else None
-                if not batch and extra is None:
-                    return
-                self._client.report(Report(events=[e for _, e in batch], telemetry=extra))
-                for path, _ in batch:
-                    path.unlink(missing_ok=True)
-                self.delivered_events += len(batch)
-        except AgentError:
+        """Send everything queued plus the telemetry windows; raises when the service did not take it (what was
+        not delivered stays queued, unchanged, for the next try)."""
+        self._unsent_telemetry = (self._unsent_telemetry + self._telemetry.take())[-MAX_QUEUED_TELEMETRY:]
+        while True:
+            batch = self.outbox.pending()
+            extra = self._unsent_telemetry[0] if self._unsent_telemetry else None
+            if not batch and extra is None:
+                return
+            self._client.report(Report(events=[e for _, e in batch], telemetry=extra))
+            for path, _ in batch:
+                path.unlink(missing_ok=True)
             if extra is not None:
-                telemetry.insert(0, extra)
-            self._telemetry.putback(telemetry)
-            raise
+                self._unsent_telemetry.pop(0)
+            self.delivered_events += len(batch)
 
     def _loop(self) -> None:
         delay = self._interval_s

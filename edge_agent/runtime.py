@@ -182,7 +182,7 @@ class InferenceRuntime:
             raise NoModelError("no validated model is loaded yet")
         try:
             return self._run(model, image_bgr)
-        except (ModelOutputError, RuntimeError) as exc:
+        except RuntimeError as exc:  # ModelOutputError included
             backup = self._backup_for(model, exc)
             if backup is None:
                 raise

@@ -78,18 +78,6 @@ class Telemetry:
             windows, self._windows = self._windows, {}
         return [window.report(version) for version, window in windows.items() if window.inferences]
 
-    def putback(self, reports: list[ReportTelemetry]) -> None:
-        """Merge undelivered windows back (counts only: their percentiles are re-sent as they were)."""
-        with self._lock:
-            for report in reports:
-                window = self._windows.setdefault(report.version, _Window(model=report.model or ""))
-                window.inferences += report.inferences
-                window.errors += report.errors
-                ok = report.inferences - report.errors
-                window.detections += round(report.detections_per_image * ok)
-                window.confidence_sum += report.mean_confidence * round(report.detections_per_image * ok)
-                window.latencies_ms.extend([report.latency_ms.p50, report.latency_ms.p99])
-
     def totals(self) -> dict[str, ReportTelemetry]:
         with self._lock:
             return {version: window.report(version) for version, window in self._totals.items()}
