@@ -213,6 +213,47 @@ def test_ab_split_is_sticky_and_close_to_the_ratio(
         server.stop()
 
 
+def test_small_fleets_get_exact_wave_and_arm_sizes(fleet: Fleet, no_alias: dict[str, str]) -> None:
+    """A 25 % wave of four devices is one device, and a 50/50 split two and two, for every rollout id; a device
+    that enrolls later does not move those already placed."""
+    good, better = no_alias["good"], no_alias["better"]
+    devices = fleet.enroll_many(4, "small", {"line": "small"})
+    waves = [
+        {"percent": 25, "bake_s": 3600, "max_failure_rate": 0, "min_success_rate": 1},
+        {"percent": 100, "bake_s": 0, "max_failure_rate": 0, "min_success_rate": 1},
+    ]
+    selector = {"labels": {"line": "small"}}
+    # By the plain hash, one of four devices lands in a 25 % wave with probability 0.42: six in a row is 0.006.
+    for _ in range(6):
+        fleet.create_rollout(
+            model=MODEL,
+            version=better,
+            previous_version=good,
+            strategy="canary",
+            waves=waves,
+            selector=selector,
+            supersede=True,
+        )
+        assert Counter(fleet.follow(devices).values()) == {better: 1, good: 3}
+    for _ in range(6):
+        rollout_id = fleet.create_rollout(
+            model=MODEL,
+            version=better,
+            strategy="ab",
+            ab={"control_version": good, "split": 0.5},
+            selector=selector,
+            supersede=True,
+        )["id"]
+        arms = fleet.follow(devices)
+        assert Counter(arms.values()) == {better: 2, good: 2}
+
+    late = fleet.enroll("small-late", {"line": "small"})
+    assert fleet.follow(devices) == arms
+    assert fleet.desired_version(late) in {good, better}
+    by_arm = {arm["arm"]: arm["devices"] for arm in fleet.rollout(rollout_id)["arms"]}
+    assert by_arm["treatment"] + by_arm["control"] == 5 and min(by_arm.values()) >= 2
+
+
 def _stored_last_seen(database_url: str, device_id: str) -> datetime:
     engine = make_engine(database_url)
     try:

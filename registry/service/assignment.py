@@ -1,14 +1,16 @@
 """Who gets what: selector matching, and the stable assignment of devices to canary waves and A/B arms.
 
-Assignment is a hash of (rollout id, device id), so it is the same on every replica and after every restart,
-and a device that enrolls late lands where it would have landed had it been there from the start.
+Assignment starts from a hash of (rollout id, device id), so it is the same on every replica and after every
+restart. The devices a rollout finds enrolled when it is created (its cohort) are ranked by that hash and spread
+evenly over [0, 100), so that a 25 % wave of four devices holds exactly one of them rather than, by the luck of
+the hash, none or three. A device that enrolls later has no rank and stands at its plain hash position.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 _BUCKETS = 10_000
@@ -20,18 +22,26 @@ def bucket(rollout_id: int, device_id: str) -> float:
     return (int.from_bytes(digest[:8], "big") % _BUCKETS) * 100 / _BUCKETS
 
 
-def wave_of(rollout_id: int, device_id: str, percents: Sequence[float]) -> int:
-    """The first wave (index into cumulative ``percents``) that includes this device."""
-    position = bucket(rollout_id, device_id)
+def ranked_positions(rollout_id: int, device_ids: Iterable[str]) -> dict[str, float]:
+    """Positions in [0, 100) by rank of hash: the k-th of n devices stands at 100·k/n.
+
+    A cumulative share of p % then includes exactly ceil(p·n/100) of the n devices, however few they are.
+    """
+    ordered = sorted(set(device_ids), key=lambda device_id: (bucket(rollout_id, device_id), device_id))
+    return {device_id: 100 * rank / len(ordered) for rank, device_id in enumerate(ordered)}
+
+
+def wave_of(position: float, percents: Sequence[float]) -> int:
+    """The first wave (index into cumulative ``percents``) that includes a device at ``position``."""
     for index, percent in enumerate(percents):
         if position < percent:
             return index
     return len(percents) - 1
 
 
-def in_treatment(rollout_id: int, device_id: str, split: float) -> bool:
-    """Whether the device is in the treatment arm of an A/B test sending ``split`` (0..1) to treatment."""
-    return bucket(rollout_id, device_id) < split * 100
+def in_treatment(position: float, split: float) -> bool:
+    """Whether a device at ``position`` is in the treatment arm of an A/B test sending ``split`` (0..1) to it."""
+    return position < split * 100
 
 
 def matches(selector: Mapping[str, Any], labels: Mapping[str, Any], fingerprint: Mapping[str, Any]) -> bool:

@@ -21,7 +21,7 @@ from registry.service.errors import NotFoundError
 from registry.service.records import DeviceView, RolloutView, read_generation
 from registry.service.schemas import DesiredFile, DesiredState
 from registry.service.settings import ServiceSettings
-from registry.service.targeting import place
+from registry.service.targeting import cohort_positions, place
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,7 @@ class DesiredIndex:
         self._devices: dict[str, DeviceView] = {}
         self._choices: dict[str, DesiredChoice] = {}
         self._fleet: list[DeviceView] | None = None
+        self._cohorts: dict[int, dict[str, float]] = {}  # rollout id -> ranked positions of its cohort
         self._refreshing = threading.Lock()
         self._invalidations = 0
 
@@ -78,6 +79,7 @@ class DesiredIndex:
                     self._devices.clear()
                     self._choices.clear()
                     self._fleet = None
+                    self._cohorts.clear()
                     self._generation = generation
                 if invalidations == self._invalidations:  # else a change landed meanwhile: read again next time
                     self._checked_at = now
@@ -137,7 +139,7 @@ class DesiredIndex:
         preference = self._settings.variant_order
         choice = DesiredChoice(None, None, None, None, None, _etag("none", self._settings.poll_interval_s))
         for rollout in rollouts:
-            placement = place(rollout, device, self._catalog.summary, preference)
+            placement = place(rollout, device, self._catalog.summary, preference, self._cohort(rollout, generation))
             if placement.version is None or placement.variant is None:
                 continue
             digest = self._catalog.summary(rollout.model, placement.version).manifest_sha256
@@ -155,6 +157,16 @@ class DesiredIndex:
             if self._generation == generation:  # else the caches were cleared meanwhile: do not store a stale answer
                 self._choices[device_id] = choice
         return choice
+
+    def _cohort(self, rollout: RolloutView, generation: int) -> dict[str, float]:
+        cached = self._cohorts.get(rollout.id)
+        if cached is not None:
+            return cached
+        positions = cohort_positions(rollout, self.fleet(), self._catalog.summary, self._settings.variant_order)
+        with self._lock:
+            if self._generation == generation:
+                self._cohorts[rollout.id] = positions
+        return positions
 
     def state(self, choice: DesiredChoice) -> DesiredState:
         """The full answer for ``choice``: file URLs from the registry (cached for the bundle TTL)."""

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 from registry.service.db import DeviceOutcome, Telemetry
 from registry.service.records import DeviceView, RolloutView
 from registry.service.schemas import ArmTelemetry, WaveProgress
-from registry.service.targeting import CONTROL, TREATMENT, SummaryOf, place
+from registry.service.targeting import CONTROL, TREATMENT, SummaryOf, cohort_positions, place
 
 
 @dataclass
@@ -56,8 +56,10 @@ def measure(
         for row in session.execute(sa.select(DeviceOutcome).where(DeviceOutcome.rollout_id == rollout.id)).scalars()
     }
     progress = Progress(waves=[WaveCount() for _ in rollout.waves], arms={TREATMENT: WaveCount(), CONTROL: WaveCount()})
+    devices = list(devices)
+    positions = cohort_positions(rollout, devices, summary_of, preference)
     for device in devices:
-        placement = place(rollout, device, summary_of, preference)
+        placement = place(rollout, device, summary_of, preference, positions)
         if not placement.targeted:
             continue
         progress.targeted += 1

@@ -54,6 +54,7 @@ class DeviceView:
     labels: dict[str, str]
     fingerprint_fields: dict[str, Any]
     fingerprint: Fingerprint
+    enrolled_at: datetime  # the first enrollment; enrolling again does not move it
 
     @classmethod
     def of(cls, row: Device) -> DeviceView:
@@ -62,6 +63,7 @@ class DeviceView:
             labels={str(k): str(v) for k, v in row.labels.items()},
             fingerprint_fields=dict(row.fingerprint),
             fingerprint=Fingerprint.model_validate(row.fingerprint),
+            enrolled_at=row.enrolled_at,
         )
 
 

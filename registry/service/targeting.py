@@ -6,10 +6,10 @@ scheduler both use them, so what a device is sent and what the scheduler counts 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
-from registry.service.assignment import in_treatment, matches, wave_of
+from registry.service.assignment import bucket, in_treatment, matches, ranked_positions, wave_of
 from registry.service.bundles import BundleSummary, choose_variant
 from registry.service.records import DeviceView, RolloutView
 from registry.service.schemas import RolloutState, Strategy
@@ -34,18 +34,45 @@ class Placement:
 NOT_TARGETED = Placement(targeted=False)
 
 
-def place(rollout: RolloutView, device: DeviceView, summary_of: SummaryOf, preference: list[str]) -> Placement:
-    """The device's placement in ``rollout``."""
+def cohort_positions(
+    rollout: RolloutView, fleet: Iterable[DeviceView], summary_of: SummaryOf, preference: list[str]
+) -> dict[str, float]:
+    """Ranked positions of the rollout's cohort: the targeted devices, able to run its version, that were
+    enrolled when it was created. Empty for an immediate rollout, which places nobody."""
+    if rollout.strategy not in (Strategy.canary, Strategy.ab):
+        return {}
+    summary = summary_of(rollout.model, rollout.version)
+    members = [
+        device.id
+        for device in fleet
+        if device.enrolled_at <= rollout.created_at
+        and matches(rollout.selector, device.labels, device.fingerprint_fields)
+        and choose_variant(summary, device.fingerprint, preference).variant is not None
+    ]
+    return ranked_positions(rollout.id, members)
+
+
+def place(
+    rollout: RolloutView,
+    device: DeviceView,
+    summary_of: SummaryOf,
+    preference: list[str],
+    positions: Mapping[str, float],
+) -> Placement:
+    """The device's placement in ``rollout``; ``positions`` are the rollout's ``cohort_positions``."""
     if not matches(rollout.selector, device.labels, device.fingerprint_fields):
         return NOT_TARGETED
     new = choose_variant(summary_of(rollout.model, rollout.version), device.fingerprint, preference)
     if new.variant is None:
         return Placement(targeted=True, compatible=False, skip_reason=new.reason)
     wave = 0
+    position = positions.get(device.id)
+    if position is None:  # enrolled after the rollout was created
+        position = bucket(rollout.id, device.id)
     if rollout.strategy == Strategy.ab:
-        treated = in_treatment(rollout.id, device.id, float((rollout.ab or {})["split"]))
+        treated = in_treatment(position, float((rollout.ab or {})["split"]))
     elif rollout.strategy == Strategy.canary:
-        wave = wave_of(rollout.id, device.id, rollout.percents)
+        wave = wave_of(position, rollout.percents)
         treated = wave <= rollout.current_wave
     else:
         treated = True
