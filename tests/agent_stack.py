@@ -16,7 +16,12 @@ from pathlib import Path
 
 import pytest
 from agents import RunningAgent, start_agent
-from fault_bundles import (
+from faultproxy import FaultProxy
+from fleet import Fleet
+from servers import RunningServer, start_rollout_service
+
+from exporters.bundle import read_manifest, write_manifest
+from exporters.drills import (
     load_variant,
     nan_after,
     replace_variant,
@@ -26,11 +31,6 @@ from fault_bundles import (
     sign,
     unsign,
 )
-from faultproxy import FaultProxy
-from fleet import Fleet
-from servers import RunningServer, start_rollout_service
-
-from exporters.bundle import read_manifest, write_manifest
 from exporters.signing import generate_keypair
 
 AGENT_MODEL = "agent-line"

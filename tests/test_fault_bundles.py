@@ -9,7 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fault_bundles import (
+
+from exporters.bundle import MANIFEST_NAME, SIGNATURE_NAME, Manifest, load_verified, read_manifest
+from exporters.drills import (
     load_variant,
     nan_after,
     raise_after,
@@ -21,8 +23,6 @@ from fault_bundles import (
     slowed,
     unsign,
 )
-
-from exporters.bundle import MANIFEST_NAME, SIGNATURE_NAME, Manifest, load_verified, read_manifest
 from exporters.errors import DeviceError, SignatureError
 from exporters.fingerprint import check_compatible, collect
 from exporters.gate_report import VariantGates
