@@ -9,6 +9,7 @@ import sqlalchemy as sa
 from fastapi import APIRouter, Depends, FastAPI, Header, Path, Query, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from registry.service import dashboard
 from registry.service.auth import bearer, check_device
 from registry.service.db import AuditRecord, Promotion
 from registry.service.errors import InvalidRequestError
@@ -36,8 +37,10 @@ from registry.service.schemas import (
     RolloutList,
     RolloutPublic,
     RolloutState,
+    RolloutTelemetryPublic,
     VersionText,
 )
+from registry.service.telemetry import recent_windows
 
 if TYPE_CHECKING:  # app.py imports this module; the name is only needed for the annotation
     from registry.service.app import Service
@@ -78,6 +81,8 @@ def install(app: FastAPI, service: "Service") -> None:
     @app.get("/metrics", tags=["service"], response_class=Response)
     def metrics() -> Response:
         return Response(svc.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    dashboard.install(app)
 
     v1 = APIRouter(prefix="/v1", responses=errors)  # type: ignore[arg-type]
 
@@ -170,6 +175,16 @@ def install(app: FastAPI, service: "Service") -> None:
     @v1.get("/rollouts/{rollout_id}", tags=["rollouts"])
     def show_rollout(actor: Operator, rollout_id: RolloutId) -> RolloutDetail:
         return _detail(svc.rollouts.get(rollout_id))
+
+    @v1.get("/rollouts/{rollout_id}/telemetry", tags=["rollouts"])
+    def rollout_telemetry(
+        actor: Operator,
+        rollout_id: RolloutId,
+        limit: Annotated[int, Query(ge=1, le=1000, description="windows per arm, newest first")] = 200,
+    ) -> RolloutTelemetryPublic:
+        rollout = svc.rollouts.get(rollout_id)
+        with svc.rollouts.session() as session:
+            return recent_windows(session, rollout, limit=limit)
 
     def control_route(action: str) -> None:
         def control(actor: Operator, rollout_id: RolloutId, body: RolloutAction | None = None) -> RolloutDetail:

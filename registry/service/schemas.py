@@ -311,6 +311,32 @@ class RolloutList(BaseModel):
     rollouts: list[RolloutPublic]
 
 
+class TelemetryWindowPublic(BaseModel):
+    """One telemetry report of one device: a window of counts and the percentiles measured in it."""
+
+    at: datetime  # when the service received it
+    device_id: str
+    version: str
+    inferences: int
+    errors: int
+    p50_ms: float
+    p99_ms: float
+    detections_per_image: float
+    mean_confidence: float
+
+
+class ArmWindowsPublic(BaseModel):
+    arm: str  # treatment | control
+    version: str
+    windows_total: int  # every window stored for this arm; ``windows`` holds the newest of them
+    windows: list[TelemetryWindowPublic]  # newest first
+
+
+class RolloutTelemetryPublic(BaseModel):
+    rollout_id: int
+    arms: list[ArmWindowsPublic]
+
+
 class AuditEntry(BaseModel):
     id: int
     at: datetime
