@@ -74,6 +74,7 @@ class Agent:
         )
         self.state = AgentState()
         self._probation: ProbationWatch | None = None
+        self._acknowledged: int | None = None  # the last rollout told that its version already runs here
         self._etag: str | None = None
         self._poll_interval_s = 30.0
         self._poll_failures = 0
@@ -262,6 +263,7 @@ class Agent:
             return
         serving = self.store.installed(self.state.serving_model or "", self.state.serving_version or "")
         if serving is not None and serving.key == key:
+            self._acknowledge(offer)
             return
         if key in self.state.rejected:
             log.info("%s v%s was refused here before: not trying it again", offer.model, offer.version)
@@ -279,6 +281,18 @@ class Agent:
         self._emit_step()
         self._drill_pause()
         self._continue_update()
+
+    def _acknowledge(self, offer: DesiredState) -> None:
+        """Tell a rollout that asks for the version already running here that it runs: without a report, the
+        rollout would wait on this device forever (e.g. the A/B arm or the follow-up rollout of a version that
+        an earlier rollout installed)."""
+        if offer.rollout_id is None or offer.rollout_id == self._acknowledged:
+            return
+        self._acknowledged = offer.rollout_id
+        log.info("rollout %d asks for %s v%s, which runs here already", offer.rollout_id, offer.model, offer.version)
+        self._emit(
+            State.committed.value, offer.model, offer.version, offer.rollout_id, reason="already serving this version"
+        )
 
     def _resume(self) -> None:
         """Finish what the saved state says was under way when the agent stopped."""
@@ -346,6 +360,15 @@ class Agent:
         variant, note = choose_variant(manifest, {f.path for f in offer.files}, offer.variant, self.settings.device)
         if note:
             self._emit_step(reason=f"fallback: {note}")
+        where = self.fingerprint.summary()
+        before = self.store.installed(st.target_model, st.target_version)
+        if before and before.key == st.target_key and before.variant == variant and before.validated_on == where:
+            # The same bundle, variant and device passed here already (an A/B arm or a rollback brings it back):
+            # its files were verified again a step ago, and a second run would measure the same thing.
+            self.store.install(st.target_model, st.target_version, before)
+            p99 = f"p99 {before.p99_ms:.1f} ms" if before.p99_ms is not None else "no p99"
+            self._advance(Event.done, reason=f"validated here before ({p99}); not run again")
+            return
         result = validate(
             staging,
             variant,
@@ -356,7 +379,7 @@ class Agent:
         )
         record = Installed(
             model=st.target_model, version=st.target_version, key=st.target_key or "", variant=variant,
-            p99_ms=result.p99_ms,
+            p99_ms=result.p99_ms, validated_on=where,
         )  # fmt: skip
         self.store.install(st.target_model, st.target_version, record)
         self._advance(Event.done, reason=result.detail)

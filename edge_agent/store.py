@@ -35,6 +35,7 @@ class Installed(BaseModel):
     variant: str
     p99_ms: float | None = None
     installed_seq: int = 0
+    validated_on: str | None = None  # the device's fingerprint summary when it validated here
 
 
 def _name(text: str) -> str:

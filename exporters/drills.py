@@ -17,6 +17,7 @@ variant does (float32 (B, 3, H, W) in, (B, 4+nc, A) out), so the gate code runs 
 
 # No ``from __future__ import annotations`` here: TorchScript reads the wrappers' class-level annotations at
 # runtime and cannot resolve them as strings (it fails with "Unknown type annotation: '_Detector'").
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -40,7 +41,6 @@ __all__ = [
 ]
 
 
-@torch.jit.interface
 class _Detector(torch.nn.Module):
     """What the wrappers need of the wrapped variant. An interface type (rather than the traced module's own
     class, which a module loaded from a file does not have in Python) lets ``_FailAfter`` name it in the
@@ -48,6 +48,11 @@ class _Detector(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[empty-body]
         pass  # TorchScript insists on ``pass`` in an interface; it reads only the signature
+
+
+with warnings.catch_warnings():  # torch 2.x marks torch.jit.interface deprecated; it still is what works here
+    warnings.simplefilter("ignore", FutureWarning)
+    _Detector = torch.jit.interface(_Detector)  # type: ignore[misc]
 
 
 class _FailAfter(torch.nn.Module):
