@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,14 +17,10 @@ from pathlib import Path
 
 import httpx
 
+from yolo_ota.demo.processes import free_port
+
 # MLflow encrypts webhook secrets with this Fernet key (32 url-safe base64 bytes); fixed, test only.
 WEBHOOK_KEY = base64.urlsafe_b64encode(b"yolo-ota-test-webhook-key-32byte").decode()
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass

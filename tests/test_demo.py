@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from typing import Any
 
 import httpx
 import pytest
+from browser import VIRTUAL_TIME_MS, chromium, load, needs_chromium
 
 DEMO_TIMEOUT_S = 900
 MODEL = "pcb-inspection"
@@ -181,6 +183,28 @@ def test_mlflow_holds_the_three_signed_versions_and_the_promotion(demo: DemoRun)
         assert version.source.endswith("/bundle")
     assert client.get_registered_model(MODEL).aliases == {"production": "3"}
     assert "rollout 5" in versions["3"].tags.get("ota.rollout", ""), versions["3"].tags
+
+
+@needs_chromium
+def test_the_dashboard_shows_the_demo_fleet(demo: DemoRun, tmp_path: Path) -> None:
+    url = demo.info["dashboard_url"]
+    page = load(tmp_path, url, until="ready")
+    devices = page.one("section", id="devices").text()
+    rollouts = page.one("section", id="rollouts").text()
+    for device_id in demo.timelines:
+        assert device_id in devices
+    for state in ("halted", "completed", "aborted"):
+        assert state in rollouts
+    assert "treatment" in page.one("section", id="ab").text()
+
+    path = tmp_path / "demo-dashboard.png"
+    chromium(
+        tmp_path, url, f"--screenshot={path}", "--window-size=1400,1500", f"--virtual-time-budget={VIRTUAL_TIME_MS}"
+    )
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    print(f"dashboard of the demo: {path}")
+    if os.environ.get("YOLO_OTA_SAVE_SCREENSHOTS"):
+        shutil.copyfile(path, Path(__file__).resolve().parents[1] / "docs" / "img" / "demo-dashboard.png")
 
 
 def test_the_dashboard_is_served_and_ctrl_c_leaves_nothing_behind(demo: DemoRun) -> None:
