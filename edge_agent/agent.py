@@ -18,7 +18,7 @@ import numpy as np
 
 from edge_agent.client import ServiceClient
 from edge_agent.download import Downloader
-from edge_agent.errors import AgentError, EnrollmentRefused, ProbationFailed, ServiceError, UpdateRejected
+from edge_agent.errors import AgentError, EnrollmentRefused, ProbationFailed, ServiceAnswerError, UpdateRejected
 from edge_agent.protocol import DesiredState
 from edge_agent.reporting import Outbox, Reporter, backoff_s, event
 from edge_agent.runtime import DetectResult, Inference, InferenceRuntime, LoadedModel, load_model
@@ -27,9 +27,8 @@ from edge_agent.state import AgentState, Event, State, StateStore
 from edge_agent.store import Installed, VersionStore
 from edge_agent.telemetry import ProbationWatch, Telemetry
 from edge_agent.validation import validate
-from edge_agent.verify import CPU_VARIANT, check_fingerprint, choose_variant, verify_staged
-from exporters.bundle import Manifest, read_manifest
-from exporters.bundle import safe_join as bundle_join
+from edge_agent.verify import CPU_VARIANT, check_fingerprint, variant_to_load, verify_staged
+from exporters.bundle import Manifest, read_manifest, safe_join
 from exporters.errors import ExportError, one_line
 from exporters.fingerprint import collect
 from exporters.golden import Golden
@@ -164,7 +163,7 @@ class Agent:
         record = self.store.installed(model, version)
         manifest = read_manifest(directory)
         staged = set(manifest.files)
-        variant, note = choose_variant(manifest, staged, record.variant if record else None, self.settings.device)
+        variant, note = variant_to_load(manifest, staged, record.variant if record else None, self.settings.device)
         if note:
             self._emit(self.state.state.value, model, version, None, reason=f"fallback: {note}")
         return self._load_with_fallback(directory, manifest, variant, model, version)
@@ -224,7 +223,7 @@ class Agent:
     def _poll(self) -> tuple[DesiredState | None, float]:
         try:
             desired = self.client.desired(self._etag)
-        except ServiceError as exc:
+        except ServiceAnswerError as exc:
             self._poll_failures += 1
             self.last_poll = {"ok": False, "at": time.time(), "error": str(exc)}
             retry_max = self.settings.backoff_max_s
@@ -339,7 +338,7 @@ class Agent:
         elif st.state == State.verifying:
             assert offer is not None
             manifest = verify_staged(staging, offer, self.public_key)
-            variant, _ = choose_variant(manifest, {f.path for f in offer.files}, offer.variant, self.settings.device)
+            variant, _ = variant_to_load(manifest, {f.path for f in offer.files}, offer.variant, self.settings.device)
             check_fingerprint(manifest, self.fingerprint, variant)
             self._advance(Event.done)
         elif st.state == State.validating:
@@ -357,7 +356,7 @@ class Agent:
         assert st.target_model is not None and st.target_version is not None
         staging = self.store.staging(st.target_model, st.target_version)
         manifest = read_manifest(staging)
-        variant, note = choose_variant(manifest, {f.path for f in offer.files}, offer.variant, self.settings.device)
+        variant, note = variant_to_load(manifest, {f.path for f in offer.files}, offer.variant, self.settings.device)
         if note:
             self._emit_step(reason=f"fallback: {note}")
         where = self.fingerprint.summary()
@@ -426,7 +425,7 @@ class Agent:
                 return
             if watch.needs_probes and serving is not None:
                 if probes is None:
-                    golden = Golden.load(bundle_join(serving.directory, serving.manifest.golden.path))
+                    golden = Golden.load(safe_join(serving.directory, serving.manifest.golden.path))
                     probes = golden.inputs
                 index = watch.inferences % len(probes)
                 self.runtime.probe(np.ascontiguousarray(probes[index : index + 1]))

@@ -17,7 +17,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
-from edge_agent.errors import NoModelError
+from edge_agent.errors import ModelOutputError, NoModelError
 
 if TYPE_CHECKING:
     from edge_agent.agent import Agent
@@ -87,7 +87,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(HTTPStatus.BAD_REQUEST, {"detail": str(exc)})
         except NoModelError as exc:
             self._json(HTTPStatus.SERVICE_UNAVAILABLE, {"detail": str(exc)}, retry_after=True)
-        except RuntimeError as exc:
+        except (RuntimeError, ModelOutputError) as exc:
             self._json(HTTPStatus.INTERNAL_SERVER_ERROR, {"detail": f"inference failed: {exc}"})
         else:
             self._json(

@@ -5,16 +5,15 @@ with its ETag, and reports. Every failure becomes an ``edge_agent.errors`` error
 from __future__ import annotations
 
 import logging
-import os
-from pathlib import Path
 from typing import Any
 
 import httpx
 
-from edge_agent.errors import EnrollmentRefused, ServiceError, ServiceUnavailable
+from edge_agent.errors import EnrollmentRefused, ServiceAnswerError, ServiceUnavailable
 from edge_agent.protocol import DesiredState, Enrolled, Report
 from edge_agent.settings import AgentSettings
 from exporters.errors import one_line
+from exporters.files import atomic_write
 from exporters.fingerprint import Fingerprint
 
 log = logging.getLogger(__name__)
@@ -63,7 +62,7 @@ class ServiceClient:
             raise EnrollmentRefused(f"enrollment refused ({response.status_code}): {_detail(response)}")
         _raise_for_status(response)
         enrolled = Enrolled.model_validate_json(response.content)
-        _write_secret(self._token_path, enrolled.device_token)
+        atomic_write(self._token_path, enrolled.device_token, mode=0o600)
         self._token = enrolled.device_token
         log.info("device %s enrolled with %s", self._settings.device_id, self._settings.server)
         return enrolled
@@ -118,17 +117,6 @@ def _raise_for_status(response: httpx.Response) -> None:
     if response.status_code >= 500 or response.status_code == 429:
         raise ServiceUnavailable(f"rollout service answered {response.status_code}: {_detail(response)}")
     if response.status_code >= 400:
-        raise ServiceError(
+        raise ServiceAnswerError(
             f"rollout service refused {response.request.url.path} ({response.status_code}): {_detail(response)}"
         )
-
-
-def _write_secret(path: Path, value: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(value)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)

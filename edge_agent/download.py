@@ -20,10 +20,9 @@ import httpx
 
 from edge_agent.errors import DiskSpaceError, DownloadFailed, VerificationFailed
 from edge_agent.protocol import DesiredFile, DesiredState
-from edge_agent.store import write_atomic
-from exporters.bundle import MANIFEST_NAME, SIGNATURE_NAME, sha256_file
-from exporters.bundle import safe_join as bundle_safe_join
+from exporters.bundle import MANIFEST_NAME, SIGNATURE_NAME, safe_join, sha256_file
 from exporters.errors import UnsafePathError, one_line
+from exporters.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +32,10 @@ _MAX_MANIFEST_BYTES = 16 << 20
 DIGEST_RETRIES = 2  # a file that arrives altered twice is refused, not fetched forever
 
 
-def safe_join(staging: Path, relative: str) -> Path:
+def staged_path(staging: Path, relative: str) -> Path:
     """``exporters.bundle.safe_join`` with the refusal as a ``VerificationFailed``."""
     try:
-        return bundle_safe_join(staging, relative)
+        return safe_join(staging, relative)
     except UnsafePathError as exc:
         raise VerificationFailed(f"refused: {exc}") from None
 
@@ -59,7 +58,7 @@ class Downloader:
         """Stage every file of ``desired`` under ``staging``; raises ``UpdateRejected`` or ``DownloadFailed``."""
         if desired.manifest_url is None or desired.manifest_sha256 is None:
             raise VerificationFailed("the desired state names no manifest or manifest digest")
-        targets = [(f, safe_join(staging, f.path)) for f in desired.files]  # refuse before writing anything
+        targets = [(f, staged_path(staging, f.path)) for f in desired.files]  # refuse before writing anything
         staging.mkdir(parents=True, exist_ok=True)
         self._check_space(staging, targets)
         manifest = self._small(desired.manifest_url, "manifest")
@@ -69,10 +68,10 @@ class Downloader:
             raise VerificationFailed(
                 f"{MANIFEST_NAME} has sha256 {digest[:12]}..., the service vouches for {vouched}..."
             )
-        write_atomic(staging / MANIFEST_NAME, manifest)
+        atomic_write(staging / MANIFEST_NAME, manifest)
         signature = staging / SIGNATURE_NAME
         if desired.signature_url:
-            write_atomic(signature, self._small(desired.signature_url, "signature"))
+            atomic_write(signature, self._small(desired.signature_url, "signature"))
         else:
             signature.unlink(missing_ok=True)
         total = sum(f.bytes for f in desired.files)

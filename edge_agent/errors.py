@@ -1,8 +1,10 @@
 """Errors of the edge agent. Each says whether trying again can help (``retryable``)::
 
 AgentError
-├── ConfigurationError      bad settings or data dir; fix and restart            (not retryable)
-├── ServiceError            the rollout service did not give a usable answer
+├── AgentSettingsError      bad settings or data dir; fix and restart            (not retryable)
+├── StateError              a transition the table lacks, or an unreadable saved state (not retryable)
+├── ModelOutputError        the serving model answered NaN or infinite values    (not retryable)
+├── ServiceAnswerError      the rollout service did not give a usable answer
 │   ├── ServiceUnavailable  unreachable, timed out, 5xx: back off and poll again  (retryable)
 │   └── EnrollmentRefused   wrong enrollment token or refused fingerprint        (not retryable)
 ├── UpdateRejected          this version must not run here; report why, keep serving (not retryable)
@@ -24,21 +26,29 @@ class AgentError(Exception):
     retryable = False
 
 
-class ConfigurationError(AgentError):
+class AgentSettingsError(AgentError):
     """Settings or the data dir are unusable."""
 
 
-class ServiceError(AgentError):
+class StateError(AgentError):
+    """A transition the table does not have, or a saved state that cannot be read."""
+
+
+class ModelOutputError(AgentError):
+    """The model answered with NaN or infinite values."""
+
+
+class ServiceAnswerError(AgentError):
     """The rollout service did not give a usable answer."""
 
 
-class ServiceUnavailable(ServiceError):
+class ServiceUnavailable(ServiceAnswerError):
     """Unreachable, timed out or answering 5xx: the agent backs off and keeps serving."""
 
     retryable = True
 
 
-class EnrollmentRefused(ServiceError):
+class EnrollmentRefused(ServiceAnswerError):
     """The service refused to enroll this device (token or fingerprint)."""
 
 

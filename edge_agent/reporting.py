@@ -18,6 +18,7 @@ from edge_agent.client import ServiceClient
 from edge_agent.errors import AgentError
 from edge_agent.protocol import Report, ReportEvent, ReportTelemetry
 from edge_agent.telemetry import Telemetry
+from exporters.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +39,7 @@ class Outbox:
         with self._lock:
             self._seq += 1
             name = f"{time.time_ns():020d}-{os.getpid()}-{self._seq:06d}.json"
-        self.directory.mkdir(parents=True, exist_ok=True)
-        temporary = self.directory / f".{name}"
-        with temporary.open("w") as handle:
-            handle.write(event.model_dump_json())
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, self.directory / name)
+        atomic_write(self.directory / name, event.model_dump_json())
         self._trim()
 
     def pending(self, limit: int = BATCH_EVENTS) -> list[tuple[Path, ReportEvent]]:

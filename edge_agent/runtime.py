@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edge_agent.errors import NoModelError
+from edge_agent.errors import ModelOutputError, NoModelError
 from exporters.bundle import Manifest, safe_join
 from exporters.gates import first_tensor
 from exporters.postprocess import Detections, decode
@@ -30,10 +30,6 @@ log = logging.getLogger(__name__)
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 WARMUP_RUNS = 3
-
-
-class ModelOutputError(RuntimeError):
-    """The model answered with NaN or infinite values."""
 
 
 @dataclass(eq=False)
@@ -182,7 +178,7 @@ class InferenceRuntime:
             raise NoModelError("no validated model is loaded yet")
         try:
             return self._run(model, image_bgr)
-        except RuntimeError as exc:  # ModelOutputError included
+        except (RuntimeError, ModelOutputError) as exc:
             backup = self._backup_for(model, exc)
             if backup is None:
                 raise
@@ -197,7 +193,7 @@ class InferenceRuntime:
         error = None
         try:
             model.forward(batch)
-        except RuntimeError as exc:
+        except (RuntimeError, ModelOutputError) as exc:
             error = str(exc)
         self._observer(Inference(model, (time.perf_counter() - started) * 1000.0, 0, 0.0, error))
 
@@ -205,7 +201,7 @@ class InferenceRuntime:
         started = time.perf_counter()
         try:
             found = model.detect(image_bgr)
-        except RuntimeError as exc:
+        except (RuntimeError, ModelOutputError) as exc:
             self._observer(Inference(model, (time.perf_counter() - started) * 1000.0, 0, 0.0, str(exc)))
             raise
         latency_ms = (time.perf_counter() - started) * 1000.0

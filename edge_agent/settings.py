@@ -14,7 +14,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
-from edge_agent.errors import ConfigurationError
+from edge_agent.errors import AgentSettingsError
 
 CONFIG_FILE_ENV = "YOLO_OTA_AGENT_CONFIG"
 _DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
@@ -68,7 +68,7 @@ class AgentSettings(BaseSettings):
         config_file = os.environ.get(CONFIG_FILE_ENV)
         if config_file:
             if not Path(config_file).is_file():
-                raise ConfigurationError(f"{CONFIG_FILE_ENV}={config_file}: no such file")
+                raise AgentSettingsError(f"{CONFIG_FILE_ENV}={config_file}: no such file")
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config_file))
         return tuple(sources)
 
@@ -114,6 +114,6 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> AgentSet
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first["loc"]) or "settings"
         flag = "--" + where.replace("_", "-")
-        raise ConfigurationError(
+        raise AgentSettingsError(
             f"{flag} (or YOLO_OTA_AGENT_{where.upper()}): {first['msg']}".replace("Field required", "required")
         ) from None

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from enum import StrEnum
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from edge_agent.errors import StateError
+from exporters.files import atomic_write, leftover_temporaries
 
 log = logging.getLogger(__name__)
 
@@ -85,12 +86,6 @@ _CLEARED_TARGET = {
 }
 
 
-class StateError(Exception):
-    """A transition the table does not have, or a saved state that cannot be read. Retrying does not help."""
-
-    retryable = False
-
-
 class AgentState(BaseModel):
     """What the agent saves before each step."""
 
@@ -125,7 +120,7 @@ class StateStore:
 
     def load(self) -> AgentState:
         """The saved state, or a fresh idle one when there is none yet. Sweeps up files a kill left half written."""
-        for leftover in self.path.parent.glob(".agent-state-*"):
+        for leftover in leftover_temporaries(self.path):
             leftover.unlink(missing_ok=True)
         try:
             raw = self.path.read_bytes()
@@ -139,23 +134,7 @@ class StateStore:
     def save(self, state: AgentState) -> AgentState:
         """Write ``state`` (with its save counter advanced) so that a kill leaves the old or the new file."""
         saved = state.model_copy(update={"saves": state.saves + 1})
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        payload = json.dumps(saved.model_dump(mode="json"), indent=2).encode()
-        fd, temporary = tempfile.mkstemp(prefix=".agent-state-", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(payload)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temporary, self.path)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
-        directory = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+        atomic_write(self.path, json.dumps(saved.model_dump(mode="json"), indent=2))
         return saved
 
     def advance(self, state: AgentState, event: Event, *, reason: str = "", **changes: object) -> AgentState:

@@ -18,6 +18,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from edge_agent.protocol import DesiredState
+from exporters.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ class VersionStore:
         assert offer.model is not None and offer.version is not None
         staging = self.staging(offer.model, offer.version)
         staging.mkdir(parents=True, exist_ok=True)
-        write_atomic(staging / OFFER_FILE, offer.model_dump_json(indent=2).encode())
+        atomic_write(staging / OFFER_FILE, offer.model_dump_json(indent=2).encode())
         return staging
 
     def load_offer(self, model: str, version: str) -> DesiredState | None:
@@ -95,7 +96,7 @@ class VersionStore:
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(staging, target)
             (target / OFFER_FILE).unlink(missing_ok=True)
-        write_atomic(
+        atomic_write(
             target / INSTALLED_FILE, record.model_copy(update={"installed_seq": seq}).model_dump_json().encode()
         )
         return target
@@ -124,13 +125,3 @@ class VersionStore:
         if removed:
             log.info("pruned %s (keeping %d versions)", ", ".join(removed), keep)
         return removed
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` so that a kill leaves the old file or the new one: temporary file, fsync, rename."""
-    temporary = path.with_name(path.name + ".tmp")
-    with temporary.open("wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)

@@ -21,6 +21,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from edge_agent.errors import ValidationFailed, ValidationInterrupted
+from exporters.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +106,7 @@ def _memory_free_fraction(device: str) -> float | None:
 def _run_child(bundle_dir: Path, variant_name: str, headroom: float) -> ValidationResult:
     import torch
 
-    from exporters.bundle import read_manifest
-    from exporters.bundle import safe_join as bundle_join
+    from exporters.bundle import read_manifest, safe_join
     from exporters.errors import ExportError, one_line
     from exporters.fingerprint import collect
     from exporters.golden import Golden
@@ -116,7 +116,7 @@ def _run_child(bundle_dir: Path, variant_name: str, headroom: float) -> Validati
     variant = manifest.variants[variant_name]
     device = variant.device
     try:
-        golden = Golden.load(bundle_join(bundle_dir, manifest.golden.path))
+        golden = Golden.load(safe_join(bundle_dir, manifest.golden.path))
         gates = gate_variant(
             bundle_dir,
             variant,
@@ -170,9 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         os.nice(args.nice)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     result = _run_child(args.bundle_dir, args.variant, args.headroom)
-    temporary = args.out.with_suffix(".tmp")
-    temporary.write_text(json.dumps(result.model_dump(mode="json"), indent=2))
-    os.replace(temporary, args.out)
+    atomic_write(args.out, json.dumps(result.model_dump(mode="json"), indent=2))
     return 0
 
 

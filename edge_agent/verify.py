@@ -11,7 +11,7 @@ from typing import Literal
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from edge_agent.download import safe_join
+from edge_agent.download import staged_path
 from edge_agent.errors import VerificationFailed
 from edge_agent.protocol import DesiredState
 from exporters.bundle import Manifest, read_manifest, sha256_file
@@ -32,14 +32,14 @@ def verify_staged(staging: Path, offer: DesiredState, public_key: Ed25519PublicK
     except BundleError as exc:
         raise VerificationFailed(str(exc)) from None
     for relative in manifest.files:
-        safe_join(staging, relative)  # a manifest entry that leaves the folder refuses the whole bundle
+        staged_path(staging, relative)  # a manifest entry that leaves the folder refuses the whole bundle
     for offered in offer.files:
         entry = manifest.files.get(offered.path)
         if entry is None:
             raise VerificationFailed(f"{offered.path} is offered but not listed in the manifest")
         if (entry.sha256, entry.bytes) != (offered.sha256, offered.bytes):
             raise VerificationFailed(f"{offered.path}: the offer's digest differs from the manifest's")
-        actual = sha256_file(safe_join(staging, offered.path))
+        actual = sha256_file(staged_path(staging, offered.path))
         if actual != entry.sha256:
             raise VerificationFailed(
                 f"{offered.path} has sha256 {actual[:12]}..., the manifest says {entry.sha256[:12]}..."
@@ -54,7 +54,7 @@ def verify_staged(staging: Path, offer: DesiredState, public_key: Ed25519PublicK
     return manifest
 
 
-def choose_variant(
+def variant_to_load(
     manifest: Manifest, staged: set[str], offered: str | None, device: Literal["auto", "cuda", "cpu"]
 ) -> tuple[str, str]:
     """The variant to run here and a note for the report ('' when it is the offered one).

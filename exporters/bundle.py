@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path, PurePosixPath
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from exporters.errors import BundleIntegrityError, ManifestError, UnsafePathError
+from exporters.files import atomic_write
 from exporters.fingerprint import Fingerprint
 from exporters.gate_report import GateThresholds, VariantGates
 
@@ -127,14 +127,19 @@ def file_entry(path: Path) -> FileEntry:
     return FileEntry(sha256=sha256_file(path), bytes=path.stat().st_size)
 
 
-def safe_join(root: Path, relative: str) -> Path:
-    """Resolve ``relative`` (a manifest path) under ``root``; refuse absolute paths and ones that leave ``root``."""
+def plain_relative(relative: str) -> PurePosixPath:
+    """``relative`` (a manifest path) as a plain relative path; ``UnsafePathError`` for one that could leave."""
     pure = PurePosixPath(relative)
     if not pure.parts or pure.is_absolute() or "\\" in relative or ":" in pure.parts[0]:
         raise UnsafePathError(f"manifest path {relative!r} is empty, absolute or not a plain relative path")
     if ".." in pure.parts:
         raise UnsafePathError(f"manifest path {relative!r} leaves the bundle directory")
-    candidate = (root / Path(*pure.parts)).resolve()
+    return pure
+
+
+def safe_join(root: Path, relative: str) -> Path:
+    """Resolve ``relative`` (a manifest path) under ``root``; refuse absolute paths and ones that leave ``root``."""
+    candidate = (root / Path(*plain_relative(relative).parts)).resolve()
     if not candidate.is_relative_to(root.resolve()):
         raise UnsafePathError(f"manifest path {relative!r} resolves outside the bundle directory")
     return candidate
@@ -184,15 +189,8 @@ def load_verified(bundle_dir: Path) -> Manifest:
 
 
 def write_manifest(bundle_dir: Path, manifest: Manifest) -> Path:
-    """Write ``manifest.json`` atomically (temporary file, fsync, rename)."""
-    path = bundle_dir / MANIFEST_NAME
-    tmp = path.with_suffix(".json.tmp")
-    with tmp.open("wb") as handle:
-        handle.write(manifest.to_json_bytes())
-        handle.flush()
-        os.fsync(handle.fileno())
-    tmp.replace(path)
-    return path
+    """Write ``manifest.json`` atomically (``exporters.files.atomic_write``)."""
+    return atomic_write(bundle_dir / MANIFEST_NAME, manifest.to_json_bytes())
 
 
 def list_files(bundle_dir: Path, relative_paths: list[str]) -> dict[str, FileEntry]:

@@ -17,6 +17,7 @@ variant does (float32 (B, 3, H, W) in, (B, 4+nc, A) out), so the gate code runs 
 
 # No ``from __future__ import annotations`` here: TorchScript reads the wrappers' class-level annotations at
 # runtime and cannot resolve them as strings (it fails with "Unknown type annotation: '_Detector'").
+import io
 import warnings
 import zipfile
 from pathlib import Path
@@ -24,6 +25,7 @@ from pathlib import Path
 import torch
 
 from exporters.bundle import SIGNATURE_NAME, file_entry, read_manifest, safe_join, write_manifest
+from exporters.files import atomic_write
 from exporters.runtime import load_torchscript, quiet_torchscript
 from exporters.signing import load_private_key, sign_bundle
 
@@ -174,10 +176,10 @@ def replace_variant(bundle_dir: Path, module: torch.jit.ScriptModule, *, variant
     path = safe_join(bundle_dir, relative)
     extras = _extra_files(path) if path.is_file() else {}
     _drop_signature(bundle_dir)
-    tmp = path.with_suffix(".torchscript.tmp")
+    buffer = io.BytesIO()
     with quiet_torchscript():
-        torch.jit.save(module, str(tmp), _extra_files=extras)
-    tmp.replace(path)
+        torch.jit.save(module, buffer, _extra_files=extras)
+    atomic_write(path, buffer.getvalue())
     manifest.files[relative] = file_entry(path)
     write_manifest(bundle_dir, manifest)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,15 +35,13 @@ from exporters.bundle import (
 )
 from exporters.errors import ExportArgumentError, OutputDirError
 from exporters.fingerprint import Fingerprint, collect, cuda_usable
-from exporters.gates import GateThresholds, VariantGates, first_tensor, run_batched, strict_fp32
+from exporters.gates import GateThresholds, ProgressCallback, VariantGates, first_tensor, run_batched, strict_fp32
 from exporters.golden import Golden, noise_inputs, stack_inputs
 from exporters.local_gate import gate_variant
 from exporters.postprocess import decode
 from exporters.preprocess import letterbox, read_image, to_input_array
 
 log = logging.getLogger(__name__)
-
-Progress = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -191,7 +189,7 @@ def _finish_dir(staging: Path, out: Path) -> None:
     staging.rename(out)
 
 
-def export_bundle(request: ExportRequest, progress: Progress | None = None) -> ExportResult:
+def export_bundle(request: ExportRequest, progress: ProgressCallback | None = None) -> ExportResult:
     """Export, gate, sign (with ``request.signing_key``) and write a bundle; see the module docstring."""
     say = progress or (lambda _msg: None)
     _check_request(request)
@@ -237,7 +235,7 @@ def _export_into(
     skipped: dict[str, str],
     fingerprint: Fingerprint,
     thresholds: GateThresholds,
-    say: Progress,
+    say: ProgressCallback,
 ) -> tuple[Manifest, dict[str, float], dict[str, float]]:
     say(f"golden data: sample images + {len(request.golden_images)} of yours + {request.noise_inputs} noise")
     golden = build_golden(detector, request, thresholds, cuda_reference=any(n.startswith("cuda") for n in made))

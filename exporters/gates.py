@@ -46,6 +46,7 @@ __all__ = [
     "LatencyStats",
     "MemoryGate",
     "MemoryPoint",
+    "ProgressCallback",
     "RawParity",
     "VariantGates",
     "detection_parity",
@@ -55,7 +56,7 @@ __all__ = [
     "run_gates",
 ]
 
-Progress = Callable[[str], None]
+ProgressCallback = Callable[[str], None]
 
 
 @contextlib.contextmanager
@@ -260,7 +261,7 @@ def run_gates(
     measured_on: str,
     memory_baseline_bytes: int = 0,
     sweep_memory: bool = True,
-    progress: Progress | None = None,
+    progress: ProgressCallback | None = None,
 ) -> VariantGates:
     """Run every gate of one loaded variant against the golden data.
 

@@ -17,7 +17,7 @@ import torch
 from exporters.bundle import Manifest, Variant, load_verified, safe_join
 from exporters.errors import DeviceError, ExportArgumentError
 from exporters.fingerprint import Fingerprint, check_compatible, collect, cuda_usable
-from exporters.gates import GateThresholds, Progress, VariantGates, run_gates
+from exporters.gates import GateThresholds, ProgressCallback, VariantGates, run_gates
 from exporters.golden import Golden
 from exporters.runtime import load_torchscript
 
@@ -42,7 +42,7 @@ def gate_variant(
     fingerprint: Fingerprint,
     latency_budget_ms: float | None,
     sweep_memory: bool = True,
-    progress: Progress | None = None,
+    progress: ProgressCallback | None = None,
 ) -> VariantGates:
     """Load one variant onto its device and run every gate against the golden data."""
     device = "cuda:0" if variant.device == "cuda" else "cpu"
@@ -75,7 +75,7 @@ def gate_bundle(
     variants: list[str] | None = None,
     latency_budget_ms: float | None = None,
     public_key: Path | None = None,
-    progress: Progress | None = None,
+    progress: ProgressCallback | None = None,
 ) -> tuple[Manifest, list[VariantGates]]:
     """Verify ``bundle_dir`` and gate its variants for ``device`` on this machine (``auto``: the CUDA variants
     when CUDA works and the bundle has some, else the CPU ones).

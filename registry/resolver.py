@@ -25,8 +25,8 @@ from urllib.parse import quote, urlsplit
 import httpx
 from pydantic import ValidationError
 
-from exporters.bundle import MANIFEST_NAME, SIGNATURE_NAME, Manifest
-from exporters.errors import flatten
+from exporters.bundle import MANIFEST_NAME, SIGNATURE_NAME, Manifest, plain_relative
+from exporters.errors import UnsafePathError, flatten
 from registry.errors import (
     ManifestMismatchError,
     RegistryNotFoundError,
@@ -330,11 +330,11 @@ def _quote_path(segments: list[str]) -> str:
 
 
 def _safe_relative(relative: str) -> str:
-    """``relative`` as a plain path inside the bundle; the same rule as ``exporters.bundle.safe_join``."""
-    pure = PurePosixPath(relative)
-    if not pure.parts or pure.is_absolute() or "\\" in relative or ":" in pure.parts[0] or ".." in pure.parts:
-        raise RegistryRequestError(f"bundle path {relative!r} is not a plain relative path inside the bundle")
-    return "/".join(pure.parts)
+    """``relative`` as a plain path inside the bundle (``exporters.bundle.plain_relative``)."""
+    try:
+        return "/".join(plain_relative(relative).parts)
+    except UnsafePathError:
+        raise RegistryRequestError(f"bundle path {relative!r} is not a plain relative path inside the bundle") from None
 
 
 def _parse_manifest(manifest_bytes: bytes, what: str) -> Manifest:

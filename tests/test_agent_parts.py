@@ -17,7 +17,7 @@ from edge_agent.errors import DiskSpaceError, VerificationFailed
 from edge_agent.protocol import DesiredState
 from edge_agent.reporting import Outbox, event
 from edge_agent.store import Installed, VersionStore
-from edge_agent.verify import choose_variant
+from edge_agent.verify import variant_to_load
 from exporters.bundle import MANIFEST_NAME, Variant, read_manifest
 
 PAYLOAD = bytes(range(256)) * 4096  # 1 MiB
@@ -105,13 +105,13 @@ def test_variant_choice_falls_back_to_cpu_without_cuda(trained_bundle: Path) -> 
                    batch=1)  # fmt: skip
     manifest = manifest.model_copy(update={"variants": {**manifest.variants, "cuda-fp16": cuda}})
     staged = {v.path for v in manifest.variants.values()}
-    assert choose_variant(manifest, staged, "cuda-fp16", "auto") == (
+    assert variant_to_load(manifest, staged, "cuda-fp16", "auto") == (
         "cpu-fp32",
         "running cpu-fp32 instead of cuda-fp16: no working CUDA device",
     )
-    assert choose_variant(manifest, staged, "cpu-fp32", "cpu") == ("cpu-fp32", "")
+    assert variant_to_load(manifest, staged, "cpu-fp32", "cpu") == ("cpu-fp32", "")
     with pytest.raises(VerificationFailed, match="none of the staged variants"):
-        choose_variant(manifest, {cuda.path}, "cuda-fp16", "auto")
+        variant_to_load(manifest, {cuda.path}, "cuda-fp16", "auto")
 
 
 def test_prune_keeps_the_newest_and_the_protected(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from edge_agent.errors import StateError
 from edge_agent.state import (
     AFTER_CRASH,
     STATE_FILE,
@@ -19,7 +20,6 @@ from edge_agent.state import (
     AgentState,
     Event,
     State,
-    StateError,
     StateStore,
     next_state,
 )

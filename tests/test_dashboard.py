@@ -26,7 +26,7 @@ from browser import VIRTUAL_TIME_MS, chromium, load, needs_chromium
 from fleet import Fleet, SimDevice
 from servers import OPERATOR_TOKEN, RunningServer, start_rollout_service
 
-from registry.service.dashboard import UI_DIR
+from registry.rollout_service.dashboard import UI_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "pcb-line"

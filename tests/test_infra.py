@@ -165,7 +165,7 @@ def _probe_urls(text: str) -> list[tuple[int, str]]:
 def _setting_variables() -> set[str]:
     from edge_agent.settings import CONFIG_FILE_ENV as AGENT_CONFIG_ENV
     from edge_agent.settings import AgentSettings
-    from registry.service.settings import CONFIG_FILE_ENV, ServiceSettings
+    from registry.rollout_service.settings import CONFIG_FILE_ENV, ServiceSettings
 
     service = {f"YOLO_OTA_{field.upper()}" for field in ServiceSettings.model_fields}
     agent = {f"YOLO_OTA_AGENT_{field.upper()}" for field in AgentSettings.model_fields}
@@ -175,8 +175,8 @@ def _setting_variables() -> set[str]:
 _SERVICE_WITHOUT_TORCH = """
 import json, sys
 sys.modules["torch"] = None  # `import torch` raises ImportError, as in the server image, which has no torch
-from registry.service.app import create_app
-from registry.service.settings import ServiceSettings
+from registry.rollout_service.app import create_app
+from registry.rollout_service.settings import ServiceSettings
 import registry.mlflow_gateway  # what the webhook registration and the alias poll use
 app = create_app(ServiceSettings(dev_mode=True, data_dir=sys.argv[1]))
 routes = {r.path for r in app.routes if "GET" in (getattr(r, "methods", None) or ())}
@@ -298,12 +298,12 @@ def test_every_yolo_ota_variable_is_a_real_setting(compose: dict[str, Any], k8s:
         named |= {variable: f"{image}.Dockerfile" for variable in _dockerfile_env(image)}
     known = _setting_variables()
     unknown = {v: where for v, where in named.items() if v.startswith("YOLO_OTA_") and v not in known}
-    assert not unknown, f"not a setting of the service (registry/service/settings.py) or agent: {unknown}"
+    assert not unknown, f"not a setting of the service (registry/rollout_service/settings.py) or agent: {unknown}"
     assert any(v.startswith("YOLO_OTA_") for v in named)
 
 
 def _service_settings(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Any:
-    from registry.service.settings import load_settings
+    from registry.rollout_service.settings import load_settings
 
     for name in [name for name in os.environ if name.startswith("YOLO_OTA_")]:
         monkeypatch.delenv(name)
@@ -321,7 +321,7 @@ def test_service_settings_load_from_compose(compose: dict[str, Any], monkeypatch
 def test_service_settings_from_kubernetes_refuse_the_placeholders(
     k8s: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from registry.service.errors import ConfigurationError
+    from registry.rollout_service.errors import ServiceSettingsError
 
     (container,) = _pod_templates(k8s)["rollouts"]["spec"]["containers"]
     shipped = _container_env(k8s, container)
@@ -329,7 +329,7 @@ def test_service_settings_from_kubernetes_refuse_the_placeholders(
     settings = _service_settings(filled, monkeypatch)
     assert settings.database.startswith("postgresql://"), "replicas need one shared database, not SQLite"
     assert settings.public_url and settings.webhook_key and settings.mlflow_uri
-    with pytest.raises(ConfigurationError, match="YOLO_OTA_OPERATOR_TOKENS"):
+    with pytest.raises(ServiceSettingsError, match="YOLO_OTA_OPERATOR_TOKENS"):
         _service_settings(shipped, monkeypatch)
 
 

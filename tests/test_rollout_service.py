@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from fleet import Fleet
 from servers import RunningServer, free_port, start_rollout_service
 
-from registry.service.db import Device, make_engine
+from registry.rollout_service.db import Device, make_engine
 
 MODEL = "pcb-line"
 FAST_WAVES = [

@@ -10,10 +10,10 @@ from fleet import Fleet
 from servers import RunningServer, start_rollout_service
 
 from exporters.fingerprint import collect
-from registry.service.app import build_service
-from registry.service.db import BundleRecord, transaction, utcnow
-from registry.service.schemas import RolloutCreate, WaveSpec
-from registry.service.settings import ServiceSettings
+from registry.rollout_service.app import build_service
+from registry.rollout_service.db import BundleRecord, transaction, utcnow
+from registry.rollout_service.schemas import RolloutCreate, WaveSpec
+from registry.rollout_service.settings import ServiceSettings
 
 MODEL = "pcb-line"
 
@@ -99,7 +99,7 @@ def test_concurrent_evaluations_of_one_wave_make_one_transition(tmp_path: Path, 
         after = service.rollouts.get(rollout.id)
         assert after.current_wave == 1 and after.revision == rollout.revision + 1
         with service.rollouts.session() as session:
-            from registry.service.db import AuditRecord
+            from registry.rollout_service.db import AuditRecord
 
             advances = session.query(AuditRecord).filter_by(rollout_id=rollout.id, action="advance").count()
         assert advances == 1

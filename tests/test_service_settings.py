@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from registry.service.errors import ConfigurationError
-from registry.service.settings import DEV_OPERATOR_TOKEN, load_settings
+from registry.rollout_service.errors import ServiceSettingsError
+from registry.rollout_service.settings import DEV_OPERATOR_TOKEN, load_settings
 
 
 @pytest.fixture(autouse=True)
@@ -20,12 +20,12 @@ def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_no_default_secrets_outside_dev_mode(monkeypatch: pytest.MonkeyPatch) -> None:
-    with pytest.raises(ConfigurationError, match="YOLO_OTA_OPERATOR_TOKENS, YOLO_OTA_ENROLLMENT_TOKEN"):
+    with pytest.raises(ServiceSettingsError, match="YOLO_OTA_OPERATOR_TOKENS, YOLO_OTA_ENROLLMENT_TOKEN"):
         load_settings()
     monkeypatch.setenv("YOLO_OTA_OPERATOR_TOKENS", "a=1")
     monkeypatch.setenv("YOLO_OTA_ENROLLMENT_TOKEN", "e")
     monkeypatch.setenv("YOLO_OTA_PUBLIC_URL", "http://svc:8700")
-    with pytest.raises(ConfigurationError, match="YOLO_OTA_WEBHOOK_SECRET"):
+    with pytest.raises(ServiceSettingsError, match="YOLO_OTA_WEBHOOK_SECRET"):
         load_settings()
     monkeypatch.setenv("YOLO_OTA_WEBHOOK_SECRET", "s")
     assert load_settings().operator_token_list == ["a=1"]
@@ -58,11 +58,11 @@ def test_flags_over_environment_over_config_file(tmp_path: Path, monkeypatch: py
 def test_invalid_settings_are_one_readable_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("YOLO_OTA_DEV_MODE", "true")
     monkeypatch.setenv("YOLO_OTA_DEFAULT_WAVES", '[{"percent": 50}, {"percent": 30}]')
-    with pytest.raises(ConfigurationError, match=r"default_waves: .*increase strictly"):
+    with pytest.raises(ServiceSettingsError, match=r"default_waves: .*increase strictly"):
         load_settings()
     monkeypatch.delenv("YOLO_OTA_DEFAULT_WAVES")
     monkeypatch.setenv("YOLO_OTA_CONFIG", str(tmp_path / "missing.toml"))
-    with pytest.raises(ConfigurationError, match="no such file"):
+    with pytest.raises(ServiceSettingsError, match="no such file"):
         load_settings()
 
 
@@ -78,7 +78,7 @@ def test_migrations_build_exactly_the_tables_the_code_declares(tmp_path: Path) -
     from alembic.autogenerate import compare_metadata
     from alembic.migration import MigrationContext
 
-    from registry.service.db import Base, make_engine, migrate
+    from registry.rollout_service.db import Base, make_engine, migrate
 
     engine = make_engine(f"sqlite:///{tmp_path / 'schema.db'}")
     migrate(engine)

@@ -332,9 +332,9 @@ def server(
     """Run the rollout service (REST API, wave scheduler, MLflow alias watcher) under uvicorn."""
     import uvicorn
 
-    from registry.service.app import create_app
-    from registry.service.errors import ServiceError
-    from registry.service.settings import CONFIG_FILE_ENV, load_settings
+    from registry.rollout_service.app import create_app
+    from registry.rollout_service.errors import RolloutServiceError
+    from registry.rollout_service.settings import CONFIG_FILE_ENV, load_settings
 
     if config is not None:
         os.environ[CONFIG_FILE_ENV] = str(config)
@@ -348,7 +348,7 @@ def server(
             dev_mode=True if dev else None,
         )
         application = create_app(settings)
-    except ServiceError as exc:
+    except RolloutServiceError as exc:
         raise _fail(str(exc)) from None
     logging.getLogger("registry").setLevel(logging.INFO)
     err_console.print(f"rollout service on http://{settings.host}:{settings.port} (OpenAPI at /docs)")

@@ -17,7 +17,7 @@ from rich.table import Table
 from rich.text import Text
 
 # The service's own enums; schemas is pydantic only (no torch, no server packages).
-from registry.service.schemas import RolloutState, Strategy
+from registry.rollout_service.schemas import RolloutState, Strategy
 
 if TYPE_CHECKING:
     import httpx

@@ -15,14 +15,14 @@ from datetime import datetime, timedelta
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
-from registry.service.assignment import selector_key
-from registry.service.bundles import BundleCatalog
-from registry.service.db import Rollout, transaction, utcnow
-from registry.service.errors import ConflictError, InvalidRequestError, NotFoundError
-from registry.service.progress import Progress, measure
-from registry.service.records import DeviceView, RolloutView, audit, bump_generation
-from registry.service.schemas import ACTIVE_STATES, RolloutCreate, RolloutState, Strategy, WaveSpec
-from registry.service.settings import ServiceSettings
+from registry.rollout_service.assignment import selector_key
+from registry.rollout_service.bundles import BundleCatalog
+from registry.rollout_service.db import Rollout, transaction, utcnow
+from registry.rollout_service.errors import ConflictError, InvalidRequestError, NotFoundError
+from registry.rollout_service.progress import RolloutProgress, measure
+from registry.rollout_service.records import DeviceView, RolloutView, audit, bump_generation
+from registry.rollout_service.schemas import ACTIVE_STATES, RolloutCreate, RolloutState, Strategy, WaveSpec
+from registry.rollout_service.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ class RolloutManager:
         with self._sessions() as session:
             return [RolloutView.of(row) for row in session.execute(query).scalars()]
 
-    def progress(self, session: Session, rollout: RolloutView) -> Progress:
+    def progress(self, session: Session, rollout: RolloutView) -> RolloutProgress:
         return measure(session, rollout, self._fleet(), self._catalog.summary, self._settings.variant_order)
 
     # -- creating --------------------------------------------------------------------------------------------
@@ -283,7 +283,7 @@ class RolloutManager:
         return int(done)
 
 
-def decide(rollout: RolloutView, progress: Progress, *, now: datetime) -> Decision:
+def decide(rollout: RolloutView, progress: RolloutProgress, *, now: datetime) -> Decision:
     """Halt past the failure threshold; after the bake time, advance (or complete) at the success threshold."""
     index = rollout.current_wave
     spec = rollout.waves[index]

@@ -13,10 +13,10 @@ from datetime import datetime
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from registry.service.db import DeviceOutcome, Telemetry
-from registry.service.records import DeviceView, RolloutView
-from registry.service.schemas import ArmTelemetry, WaveProgress
-from registry.service.targeting import CONTROL, TREATMENT, SummaryOf, cohort_positions, place
+from registry.rollout_service.db import DeviceOutcome, Telemetry
+from registry.rollout_service.records import DeviceView, RolloutView
+from registry.rollout_service.schemas import ArmTelemetry, WaveProgress
+from registry.rollout_service.targeting import CONTROL, TREATMENT, SummaryOf, cohort_positions, place
 
 
 @dataclass
@@ -27,7 +27,7 @@ class WaveCount:
 
 
 @dataclass
-class Progress:
+class RolloutProgress:
     targeted: int = 0
     skipped: Counter[str] = field(default_factory=Counter)
     waves: list[WaveCount] = field(default_factory=list)  # devices *first included* in each wave
@@ -49,13 +49,15 @@ def measure(
     devices: Iterable[DeviceView],
     summary_of: SummaryOf,
     preference: list[str],
-) -> Progress:
+) -> RolloutProgress:
     """Place every enrolled device and count outcomes for the rollout's new version (and control, for A/B)."""
     outcomes = {
         row.device_id: row
         for row in session.execute(sa.select(DeviceOutcome).where(DeviceOutcome.rollout_id == rollout.id)).scalars()
     }
-    progress = Progress(waves=[WaveCount() for _ in rollout.waves], arms={TREATMENT: WaveCount(), CONTROL: WaveCount()})
+    progress = RolloutProgress(
+        waves=[WaveCount() for _ in rollout.waves], arms={TREATMENT: WaveCount(), CONTROL: WaveCount()}
+    )
     devices = list(devices)
     positions = cohort_positions(rollout, devices, summary_of, preference)
     for device in devices:
@@ -92,7 +94,7 @@ def _short(reason: str) -> str:
 _CURRENT_WAVE_STATE = {"paused": "paused", "aborted": "stopped", "rolled_back": "rolled_back", "pending": "waiting"}
 
 
-def wave_progress(rollout: RolloutView, progress: Progress, halted_wave: int | None) -> list[WaveProgress]:
+def wave_progress(rollout: RolloutView, progress: RolloutProgress, halted_wave: int | None) -> list[WaveProgress]:
     rows: list[WaveProgress] = []
     for index, spec in enumerate(rollout.waves):
         included = progress.included(index)
@@ -123,7 +125,7 @@ def wave_progress(rollout: RolloutView, progress: Progress, halted_wave: int | N
     return rows
 
 
-def arm_telemetry(session: Session, rollout: RolloutView, progress: Progress) -> list[ArmTelemetry]:
+def arm_telemetry(session: Session, rollout: RolloutView, progress: RolloutProgress) -> list[ArmTelemetry]:
     """Sum of counts and the median of devices' reported percentiles, per arm (each report is one window)."""
     arms: list[ArmTelemetry] = []
     for arm, version in ((TREATMENT, rollout.version), (CONTROL, rollout.control_version)):

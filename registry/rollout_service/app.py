@@ -21,17 +21,17 @@ from fastapi.responses import JSONResponse
 
 from registry.mlflow_gateway import MlflowGateway
 from registry.resolver import BundleResolver
-from registry.service import routes
-from registry.service.auth import OperatorTokens
-from registry.service.bundles import BundleCatalog
-from registry.service.db import make_engine, migrate, session_factory
-from registry.service.desired import DesiredIndex
-from registry.service.devices import DeviceRegistry
-from registry.service.errors import ServiceError
-from registry.service.metrics import ServiceMetrics
-from registry.service.promotions import WEBHOOK_EVENTS, WEBHOOK_NAME, WEBHOOK_PATH, PromotionWatcher
-from registry.service.rollouts import RolloutManager
-from registry.service.settings import ServiceSettings
+from registry.rollout_service import routes
+from registry.rollout_service.auth import OperatorTokens
+from registry.rollout_service.bundles import BundleCatalog
+from registry.rollout_service.db import make_engine, migrate, session_factory
+from registry.rollout_service.desired import DesiredIndex
+from registry.rollout_service.devices import DeviceRegistry
+from registry.rollout_service.errors import RolloutServiceError
+from registry.rollout_service.metrics import ServiceMetrics
+from registry.rollout_service.promotions import WEBHOOK_EVENTS, WEBHOOK_NAME, WEBHOOK_PATH, PromotionWatcher
+from registry.rollout_service.rollouts import RolloutManager
+from registry.rollout_service.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
 
@@ -126,14 +126,14 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         responses={401: {"model": routes.Problem}, 422: {"model": routes.Problem}},
     )
     app.state.service = service
-    app.add_exception_handler(ServiceError, _service_error)
+    app.add_exception_handler(RolloutServiceError, _service_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     routes.install(app, service)
     return app
 
 
 async def _service_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, ServiceError)
+    assert isinstance(exc, RolloutServiceError)
     request.app.state.service.metrics.errors.labels(str(exc.status)).inc()
     headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
     if exc.retryable:

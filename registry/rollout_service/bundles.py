@@ -19,8 +19,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from exporters.fingerprint import Fingerprint, check_compatible
 from registry.errors import RegistryError, RegistryNotFoundError
 from registry.resolver import BundleResolver, ResolvedBundle
-from registry.service.db import BundleRecord, transaction, utcnow
-from registry.service.errors import InvalidRequestError, UpstreamUnavailableError
+from registry.rollout_service.db import BundleRecord, transaction, utcnow
+from registry.rollout_service.errors import InvalidRequestError, UpstreamUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ class VariantChoice:
     reason: str | None  # why no variant fits, when variant is None
 
 
-def choose_variant(bundle: BundleSummary, device: Fingerprint, preference: list[str]) -> VariantChoice:
+def variant_to_offer(bundle: BundleSummary, device: Fingerprint, preference: list[str]) -> VariantChoice:
     """The first variant in ``preference`` that the bundle has, that passed its gates, and the device can run."""
     reasons: list[str] = []
     ordered = [v for v in preference if v in bundle.variants] + sorted(set(bundle.variants) - set(preference))

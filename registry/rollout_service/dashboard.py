@@ -11,7 +11,7 @@ from pathlib import Path
 from fastapi import FastAPI
 from fastapi.responses import FileResponse, RedirectResponse, Response
 
-from registry.service.errors import NotFoundError
+from registry.rollout_service.errors import NotFoundError
 
 UI_DIR = Path(__file__).with_name("ui")
 _ASSETS = {

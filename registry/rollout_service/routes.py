@@ -9,15 +9,15 @@ import sqlalchemy as sa
 from fastapi import APIRouter, Depends, FastAPI, Header, Path, Query, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from registry.service import dashboard
-from registry.service.auth import bearer, check_device
-from registry.service.db import AuditRecord, Promotion
-from registry.service.errors import InvalidRequestError
-from registry.service.progress import arm_telemetry, wave_progress
-from registry.service.promotions import WEBHOOK_PATH, verify_webhook
-from registry.service.records import RolloutView
-from registry.service.rollouts import CONTROL_ACTIONS
-from registry.service.schemas import (
+from registry.rollout_service import dashboard
+from registry.rollout_service.auth import bearer, check_device
+from registry.rollout_service.db import AuditRecord, Promotion
+from registry.rollout_service.errors import InvalidRequestError
+from registry.rollout_service.progress import arm_telemetry, wave_progress
+from registry.rollout_service.promotions import WEBHOOK_PATH, verify_webhook
+from registry.rollout_service.records import RolloutView
+from registry.rollout_service.rollouts import CONTROL_ACTIONS
+from registry.rollout_service.schemas import (
     AuditEntry,
     AuditList,
     DesiredState,
@@ -40,10 +40,10 @@ from registry.service.schemas import (
     RolloutTelemetryPublic,
     VersionText,
 )
-from registry.service.telemetry import recent_windows
+from registry.rollout_service.telemetry import recent_windows
 
 if TYPE_CHECKING:  # app.py imports this module; the name is only needed for the annotation
-    from registry.service.app import Service
+    from registry.rollout_service.app import Service
 
 __all__ = ["Problem", "install"]
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from registry.service.db import Telemetry
-from registry.service.records import RolloutView
-from registry.service.schemas import ArmWindowsPublic, RolloutTelemetryPublic, TelemetryWindowPublic
-from registry.service.targeting import CONTROL, TREATMENT
+from registry.rollout_service.db import Telemetry
+from registry.rollout_service.records import RolloutView
+from registry.rollout_service.schemas import ArmWindowsPublic, RolloutTelemetryPublic, TelemetryWindowPublic
+from registry.rollout_service.targeting import CONTROL, TREATMENT
 
 
 def recent_windows(session: Session, rollout: RolloutView, *, limit: int) -> RolloutTelemetryPublic:

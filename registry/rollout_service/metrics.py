@@ -10,8 +10,8 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy.orm import Session, sessionmaker
 
-from registry.service.db import Device, Rollout
-from registry.service.schemas import RolloutState
+from registry.rollout_service.db import Device, Rollout
+from registry.rollout_service.schemas import RolloutState
 
 
 class _StateCollector(Collector):

@@ -13,8 +13,8 @@ from typing import Any
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
-from registry.service.errors import ConfigurationError
-from registry.service.schemas import WaveSpec
+from registry.rollout_service.errors import ServiceSettingsError
+from registry.rollout_service.schemas import WaveSpec
 
 log = logging.getLogger(__name__)
 
@@ -75,14 +75,14 @@ class ServiceSettings(BaseSettings):
         config_file = os.environ.get(CONFIG_FILE_ENV)
         if config_file:
             if not Path(config_file).is_file():
-                raise ConfigurationError(f"{CONFIG_FILE_ENV}={config_file}: no such file")
+                raise ServiceSettingsError(f"{CONFIG_FILE_ENV}={config_file}: no such file")
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config_file))
         return tuple(sources)
 
     @field_validator("default_waves")
     @classmethod
     def _waves_valid(cls, waves: list[WaveSpec]) -> list[WaveSpec]:
-        from registry.service.schemas import check_waves
+        from registry.rollout_service.schemas import check_waves
 
         check_waves(waves)
         return waves
@@ -151,4 +151,4 @@ def load_settings(**overrides: Any) -> ServiceSettings:
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "settings"
-        raise ConfigurationError(f"{where}: {first['msg'].removeprefix('Value error, ')}") from None
+        raise ServiceSettingsError(f"{where}: {first['msg'].removeprefix('Value error, ')}") from None

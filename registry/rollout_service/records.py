@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from exporters.fingerprint import Fingerprint
-from registry.service.db import AuditRecord, Device, Rollout, StateGeneration, utcnow
+from registry.rollout_service.db import AuditRecord, Device, Rollout, StateGeneration, utcnow
 
 log = logging.getLogger(__name__)
 

@@ -22,13 +22,13 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from registry.errors import RegistryError
 from registry.mlflow_gateway import MlflowGateway
-from registry.service.bundles import BundleCatalog
-from registry.service.db import AliasState, Promotion, transaction, utcnow
-from registry.service.errors import NotAuthenticatedError, ServiceError, UpstreamUnavailableError
-from registry.service.records import audit
-from registry.service.rollouts import RolloutManager
-from registry.service.schemas import RolloutCreate, Strategy
-from registry.service.settings import ServiceSettings
+from registry.rollout_service.bundles import BundleCatalog
+from registry.rollout_service.db import AliasState, Promotion, transaction, utcnow
+from registry.rollout_service.errors import NotAuthenticatedError, RolloutServiceError, UpstreamUnavailableError
+from registry.rollout_service.records import audit
+from registry.rollout_service.rollouts import RolloutManager
+from registry.rollout_service.schemas import RolloutCreate, Strategy
+from registry.rollout_service.settings import ServiceSettings
 from registry.tags import ROLLOUT_TAG
 
 log = logging.getLogger(__name__)
@@ -128,7 +128,7 @@ class PromotionWatcher:
         except UpstreamUnavailableError:
             self._release(model, alias, version, previous)  # try again on the next poll
             raise
-        except ServiceError as exc:
+        except RolloutServiceError as exc:
             return self._refuse(model, alias, version, f"not a usable bundle: {exc}")
         if not summary.gates_passed:
             return self._refuse(model, alias, version, "its gates did not pass (ota.gates=fail)")

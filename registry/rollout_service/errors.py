@@ -1,7 +1,7 @@
 """Errors of the rollout service. The REST layer maps each kind to one status code in one handler::
 
-ServiceError                  base; ``status`` is the HTTP status the REST layer answers with
-├── ConfigurationError        the settings are unusable (no secrets outside dev mode, bad config file)
+RolloutServiceError           base; ``status`` is the HTTP status the REST layer answers with
+├── ServiceSettingsError      the settings are unusable (no secrets outside dev mode, bad config file)
 ├── NotAuthenticatedError     401: no token, or a token that is not known
 ├── ForbiddenError            403: a known token asking for something that is not its own
 ├── NotFoundError             404: no such device, rollout or model version
@@ -13,37 +13,37 @@ ServiceError                  base; ``status`` is the HTTP status the REST layer
 from __future__ import annotations
 
 
-class ServiceError(Exception):
+class RolloutServiceError(Exception):
     """Base of the rollout service's errors."""
 
     status: int = 500
     retryable: bool = False
 
 
-class ConfigurationError(ServiceError):
+class ServiceSettingsError(RolloutServiceError):
     """The service cannot start with these settings."""
 
 
-class NotAuthenticatedError(ServiceError):
+class NotAuthenticatedError(RolloutServiceError):
     status = 401
 
 
-class ForbiddenError(ServiceError):
+class ForbiddenError(RolloutServiceError):
     status = 403
 
 
-class NotFoundError(ServiceError):
+class NotFoundError(RolloutServiceError):
     status = 404
 
 
-class ConflictError(ServiceError):
+class ConflictError(RolloutServiceError):
     status = 409
 
 
-class InvalidRequestError(ServiceError):
+class InvalidRequestError(RolloutServiceError):
     status = 422
 
 
-class UpstreamUnavailableError(ServiceError):
+class UpstreamUnavailableError(RolloutServiceError):
     status = 503
     retryable = True

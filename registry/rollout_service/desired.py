@@ -15,13 +15,13 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
-from registry.service.bundles import BundleCatalog
-from registry.service.db import Device, Rollout
-from registry.service.errors import NotFoundError
-from registry.service.records import DeviceView, RolloutView, read_generation
-from registry.service.schemas import DesiredFile, DesiredState
-from registry.service.settings import ServiceSettings
-from registry.service.targeting import cohort_positions, place
+from registry.rollout_service.bundles import BundleCatalog
+from registry.rollout_service.db import Device, Rollout
+from registry.rollout_service.errors import NotFoundError
+from registry.rollout_service.records import DeviceView, RolloutView, read_generation
+from registry.rollout_service.schemas import DesiredFile, DesiredState
+from registry.rollout_service.settings import ServiceSettings
+from registry.rollout_service.targeting import cohort_positions, place
 
 
 @dataclass(frozen=True)

@@ -9,10 +9,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
-from registry.service.assignment import bucket, in_treatment, matches, ranked_positions, wave_of
-from registry.service.bundles import BundleSummary, choose_variant
-from registry.service.records import DeviceView, RolloutView
-from registry.service.schemas import RolloutState, Strategy
+from registry.rollout_service.assignment import bucket, in_treatment, matches, ranked_positions, wave_of
+from registry.rollout_service.bundles import BundleSummary, variant_to_offer
+from registry.rollout_service.records import DeviceView, RolloutView
+from registry.rollout_service.schemas import RolloutState, Strategy
 
 TREATMENT = "treatment"
 CONTROL = "control"
@@ -47,7 +47,7 @@ def cohort_positions(
         for device in fleet
         if device.enrolled_at <= rollout.created_at
         and matches(rollout.selector, device.labels, device.fingerprint_fields)
-        and choose_variant(summary, device.fingerprint, preference).variant is not None
+        and variant_to_offer(summary, device.fingerprint, preference).variant is not None
     ]
     return ranked_positions(rollout.id, members)
 
@@ -62,7 +62,7 @@ def place(
     """The device's placement in ``rollout``; ``positions`` are the rollout's ``cohort_positions``."""
     if not matches(rollout.selector, device.labels, device.fingerprint_fields):
         return NOT_TARGETED
-    new = choose_variant(summary_of(rollout.model, rollout.version), device.fingerprint, preference)
+    new = variant_to_offer(summary_of(rollout.model, rollout.version), device.fingerprint, preference)
     if new.variant is None:
         return Placement(targeted=True, compatible=False, skip_reason=new.reason)
     wave = 0
@@ -83,5 +83,5 @@ def place(
     control = rollout.control_version
     if control is None:
         return Placement(True, True, None, wave, CONTROL, None, None)
-    old = choose_variant(summary_of(rollout.model, control), device.fingerprint, preference)
+    old = variant_to_offer(summary_of(rollout.model, control), device.fingerprint, preference)
     return Placement(True, True, None, wave, CONTROL, control if old.variant else None, old.variant)

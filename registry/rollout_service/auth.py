@@ -8,9 +8,9 @@ import logging
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
-from registry.service.db import OperatorToken, transaction, utcnow
-from registry.service.devices import DeviceRegistry, token_digest
-from registry.service.errors import ForbiddenError, NotAuthenticatedError
+from registry.rollout_service.db import OperatorToken, transaction, utcnow
+from registry.rollout_service.devices import DeviceRegistry, token_digest
+from registry.rollout_service.errors import ForbiddenError, NotAuthenticatedError
 
 log = logging.getLogger(__name__)
 

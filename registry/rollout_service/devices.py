@@ -14,12 +14,12 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
 from exporters.fingerprint import Fingerprint
-from registry.service.bundles import BundleCatalog, choose_variant
-from registry.service.db import Device, DeviceEvent, DeviceOutcome, Telemetry, transaction, utcnow
-from registry.service.desired import DesiredIndex
-from registry.service.errors import NotAuthenticatedError, NotFoundError
-from registry.service.records import RolloutView, audit, bump_generation
-from registry.service.schemas import (
+from registry.rollout_service.bundles import BundleCatalog, variant_to_offer
+from registry.rollout_service.db import Device, DeviceEvent, DeviceOutcome, Telemetry, transaction, utcnow
+from registry.rollout_service.desired import DesiredIndex
+from registry.rollout_service.errors import NotAuthenticatedError, NotFoundError
+from registry.rollout_service.records import RolloutView, audit, bump_generation
+from registry.rollout_service.schemas import (
     Compatibility,
     DeviceDetail,
     DeviceEnroll,
@@ -28,8 +28,8 @@ from registry.service.schemas import (
     DeviceReport,
     EventState,
 )
-from registry.service.settings import ServiceSettings
-from registry.service.targeting import CONTROL, TREATMENT
+from registry.rollout_service.settings import ServiceSettings
+from registry.rollout_service.targeting import CONTROL, TREATMENT
 
 log = logging.getLogger(__name__)
 
@@ -260,7 +260,7 @@ class DeviceRegistry:
             fingerprint = Fingerprint.model_validate(row.fingerprint)
         compatibility = None
         if model and version:
-            choice = choose_variant(self._catalog.summary(model, version), fingerprint, self._settings.variant_order)
+            choice = variant_to_offer(self._catalog.summary(model, version), fingerprint, self._settings.variant_order)
             compatibility = Compatibility(
                 model=model,
                 version=version,

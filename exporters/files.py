@@ -1,0 +1,51 @@
+"""Writing files so that a kill or a power cut at any instant leaves the old file or the new one, never half of one.
+
+The one atomic-write helper of the project: the exporter, the registry and the edge agent all write through it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+TEMPORARY_SUFFIX = ".tmp"
+
+
+def atomic_write(path: Path, data: bytes | str, *, mode: int = 0o644) -> Path:
+    """Write ``data`` to ``path``: a temporary file in the same folder, fsync, rename over ``path``, fsync the folder.
+
+    ``mode`` is set before any byte is written, so a secret (``0o600``) is never readable by others, even briefly.
+    The temporary file is named ``.<name>.<random>.tmp``; one left by a kill is ignored by readers of ``path``.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = data.encode() if isinstance(data, str) else data
+    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX, dir=path.parent)
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
+    fsync_dir(path.parent)
+    return path
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a rename or a new entry in ``directory`` durable (the file's own fsync does not cover its name)."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def leftover_temporaries(path: Path) -> list[Path]:
+    """Temporary files that an interrupted ``atomic_write(path, ...)`` may have left beside ``path``."""
+    return sorted(path.parent.glob(f".{path.name}.*{TEMPORARY_SUFFIX}"))
