@@ -10,9 +10,9 @@ from fleet import Fleet
 from servers import RunningServer, start_rollout_service
 
 from exporters.fingerprint import collect
-from registry.rollout_service.app import build_service
 from registry.rollout_service.db import BundleRecord, transaction, utcnow
 from registry.rollout_service.schemas import RolloutCreate, WaveSpec
+from registry.rollout_service.service import build_service
 from registry.rollout_service.settings import ServiceSettings
 
 MODEL = "pcb-line"
@@ -98,7 +98,7 @@ def test_concurrent_evaluations_of_one_wave_make_one_transition(tmp_path: Path, 
         assert sorted(made) == [0] * 7 + [1]
         after = service.rollouts.get(rollout.id)
         assert after.current_wave == 1 and after.revision == rollout.revision + 1
-        with service.rollouts.session() as session:
+        with sessions() as session:
             from registry.rollout_service.db import AuditRecord
 
             advances = session.query(AuditRecord).filter_by(rollout_id=rollout.id, action="advance").count()

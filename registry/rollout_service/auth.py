@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+from dataclasses import dataclass
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
@@ -13,6 +14,25 @@ from registry.rollout_service.devices import DeviceRegistry, token_digest
 from registry.rollout_service.errors import ForbiddenError, NotAuthenticatedError
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Operator:
+    """An operator whose token checked out."""
+
+    name: str  # as configured (``name=token``), or ``operator-<n>`` for the n-th bare token
+
+    @property
+    def actor(self) -> str:
+        """Who the audit log says acted."""
+        return f"operator:{self.name}"
+
+
+@dataclass(frozen=True)
+class AuthenticatedDevice:
+    """A device that presented its own current token."""
+
+    device_id: str
 
 
 def bearer(authorization: str | None) -> str:
@@ -46,15 +66,16 @@ class OperatorTokens:
         with self._sessions() as session:
             self._names = {row.token_sha256: row.name for row in session.execute(sa.select(OperatorToken)).scalars()}
 
-    def actor(self, token: str) -> str:
+    def authenticate(self, token: str) -> Operator:
+        """The operator holding ``token`` (no database read); 401 for a token that is not an operator's."""
         digest = token_digest(token)
         for known, name in self._names.items():
             if hmac.compare_digest(known, digest):
-                return f"operator:{name}"
+                return Operator(name=name)
         raise NotAuthenticatedError("not an operator token")
 
 
-def check_device(devices: DeviceRegistry, device_id: str, token: str) -> None:
+def check_device(devices: DeviceRegistry, device_id: str, token: str) -> AuthenticatedDevice:
     """The token must be ``device_id``'s own: another device's token is 403, an unknown one 401."""
     try:
         devices.authenticate(device_id, token)
@@ -63,3 +84,4 @@ def check_device(devices: DeviceRegistry, device_id: str, token: str) -> None:
         if owner is not None and owner != device_id:
             raise ForbiddenError(f"this token belongs to another device; it cannot act for {device_id!r}") from None
         raise
+    return AuthenticatedDevice(device_id=device_id)

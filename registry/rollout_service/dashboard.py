@@ -1,15 +1,15 @@
 """The fleet dashboard: static files under ``ui/``, served at ``/ui`` without a token.
 
+The routes (``/ui``, ``/ui/``, ``/ui/<name>``) are in ``api/operations.py``; this module says what they serve.
 The page holds no data of its own: it asks the ``/v1`` REST API with an operator token that the user gives it
 (``/ui#token=...`` or a form), so serving it openly opens nothing. Only the files named here are served.
 """
 
-# No "from __future__ import annotations": FastAPI must see the route annotations as objects.
+from __future__ import annotations
 
 from pathlib import Path
 
-from fastapi import FastAPI
-from fastapi.responses import FileResponse, RedirectResponse, Response
+from fastapi.responses import FileResponse, Response
 
 from registry.rollout_service.errors import NotFoundError
 
@@ -32,24 +32,8 @@ _HEADERS = {
 }
 
 
-def install(app: FastAPI) -> None:
-    """``GET /ui`` (redirects to ``/ui/``), ``GET /ui/`` (the page) and ``GET /ui/<asset>``; none in OpenAPI."""
-
-    @app.get("/ui", include_in_schema=False)
-    def dashboard_root() -> Response:
-        # Relative, so that the page's relative asset and API paths also work behind a path-prefix proxy.
-        return RedirectResponse("ui/", status_code=307)
-
-    @app.get("/ui/", include_in_schema=False)
-    def dashboard_page() -> Response:
-        return _asset("index.html")
-
-    @app.get("/ui/{name}", include_in_schema=False)
-    def dashboard_asset(name: str) -> Response:
-        return _asset(name)
-
-
-def _asset(name: str) -> Response:
+def asset(name: str) -> Response:
+    """One of the dashboard's files, with headers that keep the page to itself; 404 for any other name."""
     media_type = _ASSETS.get(name)
     if media_type is None:
         raise NotFoundError(f"no dashboard file {name!r}")

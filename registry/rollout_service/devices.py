@@ -23,10 +23,12 @@ from registry.rollout_service.schemas import (
     Compatibility,
     DeviceDetail,
     DeviceEnroll,
+    DeviceEventIn,
     DeviceEventPublic,
     DevicePublic,
     DeviceReport,
     EventState,
+    TelemetryIn,
 )
 from registry.rollout_service.settings import ServiceSettings
 from registry.rollout_service.targeting import CONTROL, TREATMENT
@@ -148,57 +150,36 @@ class DeviceRegistry:
                 raise NotFoundError(f"no device {device_id!r}")
             device.last_seen_at = now
             for event in body.events:
-                at = event.at or now
+                # an event without a rollout id belongs to the rollout the device follows now
                 rollout = rollouts.get(event.rollout_id or choice.rollout_id or 0)
-                session.add(
-                    DeviceEvent(
-                        device_id=device_id,
-                        rollout_id=rollout.id if rollout else None,
-                        model=event.model or (rollout.model if rollout else None),
-                        version=event.version,
-                        state=event.state.value,
-                        ok=event.ok,
-                        reason=event.reason,
-                        at=at,
-                        received_at=now,
-                    )
-                )
-                device.state = event.state.value
-                if event.state == EventState.committed and event.ok and event.version:
-                    device.current_version = event.version
-                    device.model = event.model or (rollout.model if rollout else device.model)
-                if rollout is not None and event.version in (rollout.version, rollout.control_version):
-                    self._record_outcome(
-                        session, rollout, device_id, event.state, event.ok, event.version, event.reason, at
-                    )
+                self._store_event(session, device, event, rollout, now)
             if body.telemetry is not None:
-                t = body.telemetry
-                rollout = rollouts.get(choice.rollout_id or 0)
-                arm = None
-                if rollout is not None:
-                    arm = (
-                        TREATMENT
-                        if t.version == rollout.version
-                        else CONTROL
-                        if t.version == rollout.control_version
-                        else None
-                    )
-                session.add(
-                    Telemetry(
-                        rollout_id=rollout.id if rollout and arm else None,
-                        arm=arm,
-                        device_id=device_id,
-                        model=t.model or (rollout.model if rollout else None),
-                        version=t.version,
-                        inferences=t.inferences,
-                        errors=t.errors,
-                        latency_p50_ms=t.latency_ms.p50,
-                        latency_p99_ms=t.latency_ms.p99,
-                        detections_per_image=t.detections_per_image,
-                        mean_confidence=t.mean_confidence,
-                        at=now,
-                    )
-                )
+                session.add(_telemetry_row(device_id, body.telemetry, rollouts.get(choice.rollout_id or 0), now))
+
+    def _store_event(
+        self, session: Session, device: Device, event: DeviceEventIn, rollout: RolloutView | None, now: datetime
+    ) -> None:
+        """One event: its row, the device's state and version, and its outcome in ``rollout`` when it is one."""
+        at = event.at or now
+        session.add(
+            DeviceEvent(
+                device_id=device.id,
+                rollout_id=rollout.id if rollout else None,
+                model=event.model or (rollout.model if rollout else None),
+                version=event.version,
+                state=event.state.value,
+                ok=event.ok,
+                reason=event.reason,
+                at=at,
+                received_at=now,
+            )
+        )
+        device.state = event.state.value
+        if event.state == EventState.committed and event.ok and event.version:
+            device.current_version = event.version
+            device.model = event.model or (rollout.model if rollout else device.model)
+        if rollout is not None and event.version in (rollout.version, rollout.control_version):
+            self._record_outcome(session, rollout, device.id, event.state, event.ok, event.version, event.reason, at)
 
     @staticmethod
     def _record_outcome(
@@ -301,6 +282,27 @@ class DeviceRegistry:
             current_version=row.current_version,
             state=row.state,
         )
+
+
+def _telemetry_row(device_id: str, t: TelemetryIn, rollout: RolloutView | None, now: datetime) -> Telemetry:
+    """One telemetry window, filed under the arm of ``rollout`` whose version it measured (none: no arm)."""
+    arm = None
+    if rollout is not None:
+        arm = TREATMENT if t.version == rollout.version else CONTROL if t.version == rollout.control_version else None
+    return Telemetry(
+        rollout_id=rollout.id if rollout and arm else None,
+        arm=arm,
+        device_id=device_id,
+        model=t.model or (rollout.model if rollout else None),
+        version=t.version,
+        inferences=t.inferences,
+        errors=t.errors,
+        latency_p50_ms=t.latency_ms.p50,
+        latency_p99_ms=t.latency_ms.p99,
+        detections_per_image=t.detections_per_image,
+        mean_confidence=t.mean_confidence,
+        at=now,
+    )
 
 
 def _has_labels(row: Device, wanted: dict[str, str]) -> bool:

@@ -1,19 +1,15 @@
 """Promotions: the alias ``production`` moving in MLflow starts a canary rollout, or is refused and says why.
 
 The service learns of a move two ways: MLflow's ``model_version_alias.created`` webhook (HMAC-signed, checked
-here) and a poll of the registered models' aliases as a fallback. Both end in ``handle``, which moves the
-recorded alias with a compare-and-set, so a move seen twice (by both paths, or by two replicas) acts once.
+in ``webhooks.py``) and a poll of the registered models' aliases as a fallback. Both end in ``handle``, which
+moves the recorded alias with a compare-and-set, so a move seen twice (by both paths, or by two replicas) acts
+once.
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
-import json
 import logging
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import sqlalchemy as sa
@@ -24,7 +20,7 @@ from registry.errors import RegistryError
 from registry.mlflow_gateway import MlflowGateway
 from registry.rollout_service.bundles import BundleCatalog
 from registry.rollout_service.db import AliasState, Promotion, transaction, utcnow
-from registry.rollout_service.errors import NotAuthenticatedError, RolloutServiceError, UpstreamUnavailableError
+from registry.rollout_service.errors import RolloutServiceError, UpstreamUnavailableError
 from registry.rollout_service.records import audit
 from registry.rollout_service.rollouts import RolloutManager
 from registry.rollout_service.schemas import RolloutCreate, Strategy
@@ -33,42 +29,7 @@ from registry.tags import ROLLOUT_TAG
 
 log = logging.getLogger(__name__)
 
-WEBHOOK_NAME = "yolo-ota-rollout-service"
-WEBHOOK_EVENTS = ("model_version_alias.created",)
-WEBHOOK_PATH = "/v1/hooks/mlflow"
-SIGNATURE_HEADER = "X-MLflow-Signature"
-TIMESTAMP_HEADER = "X-MLflow-Timestamp"
-DELIVERY_HEADER = "X-MLflow-Delivery-Id"
-_MAX_CLOCK_SKEW_S = 300
 ACTOR = "mlflow-alias"
-
-
-def verify_webhook(
-    secret: str, headers: Mapping[str, str], body: bytes, *, now_s: float | None = None
-) -> dict[str, Any]:
-    """The webhook's JSON payload, if its HMAC signature and timestamp check out; else ``NotAuthenticatedError``."""
-    signature = headers.get(SIGNATURE_HEADER.lower(), "")
-    timestamp = headers.get(TIMESTAMP_HEADER.lower(), "")
-    delivery = headers.get(DELIVERY_HEADER.lower(), "")
-    if not (signature and timestamp and delivery):
-        raise NotAuthenticatedError("webhook without signature, timestamp or delivery id")
-    try:
-        age_s = abs((now_s if now_s is not None else time.time()) - int(timestamp))
-    except ValueError:
-        raise NotAuthenticatedError("webhook timestamp is not a number") from None
-    if age_s > _MAX_CLOCK_SKEW_S:
-        raise NotAuthenticatedError(f"webhook timestamp is {age_s:.0f} s off; replay refused")
-    signed = f"{delivery}.{timestamp}.".encode() + body
-    expected = "v1," + base64.b64encode(hmac.new(secret.encode(), signed, hashlib.sha256).digest()).decode()
-    if not hmac.compare_digest(expected, signature):
-        raise NotAuthenticatedError("webhook signature does not match")
-    try:
-        payload = json.loads(body)
-    except ValueError:
-        raise NotAuthenticatedError("webhook body is not JSON") from None
-    if not isinstance(payload, dict):
-        raise NotAuthenticatedError("webhook body is not a JSON object")
-    return payload
 
 
 class PromotionWatcher:

@@ -61,10 +61,6 @@ class RolloutManager:
 
     # -- reading ---------------------------------------------------------------------------------------------
 
-    def session(self) -> Session:
-        """A read-only session for views that join rollouts with other tables."""
-        return self._sessions()
-
     def get(self, rollout_id: int) -> RolloutView:
         with self._sessions() as session:
             row = session.get(Rollout, rollout_id)
@@ -88,64 +84,22 @@ class RolloutManager:
 
     def create(self, body: RolloutCreate, *, actor: str) -> RolloutView:
         """Check the versions in the registry, supersede or refuse an active rollout of the same device set, start."""
-        new = self._catalog.summary(body.model, body.version)
-        if not new.gates_passed:
-            raise InvalidRequestError(f"version {body.version} of {body.model} did not pass its gates; not rolled out")
-        if body.ab is not None:
-            self._catalog.summary(body.model, body.ab.control_version)
-        if body.previous_version is not None:
-            self._catalog.summary(body.model, body.previous_version)
+        self._check_versions(body)
         key = selector_key(body.selector.model_dump())
         now = utcnow()
         with transaction(self._sessions) as session:
-            active = (
-                session.execute(
-                    sa.select(Rollout).where(
-                        Rollout.model == body.model,
-                        Rollout.selector_key == key,
-                        Rollout.state.in_([s.value for s in ACTIVE_STATES]),
-                    )
-                )
-                .scalars()
-                .all()
-            )
+            active = self._active(session, body.model, key)
             if active and not body.supersede:
                 ids = ", ".join(str(r.id) for r in active)
                 raise ConflictError(
                     f"rollout {ids} of {body.model} is still {active[0].state} for these devices; "
                     "finish it, or pass supersede=true"
                 )
-            row = Rollout(
-                model=body.model,
-                version=body.version,
-                previous_version=body.previous_version or self._previous_version(session, body.model, key),
-                strategy=body.strategy.value,
-                state=RolloutState.running.value,
-                selector=body.selector.model_dump(),
-                selector_key=key,
-                waves=[w.model_dump() for w in self._waves(body)],
-                ab=body.ab.model_dump() if body.ab else None,
-                current_wave=0,
-                wave_started_at=now,
-                revision=0,
-                created_by=actor,
-                reason=body.reason,
-                created_at=now,
-                updated_at=now,
-            )
+            row = self._new_row(session, body, key, actor=actor, now=now)
             session.add(row)
             session.flush()
             for old in active:
-                old.state, old.revision, old.updated_at = RolloutState.aborted.value, old.revision + 1, now
-                audit(
-                    session,
-                    actor=actor,
-                    action="superseded",
-                    rollout_id=old.id,
-                    model=old.model,
-                    version=old.version,
-                    reason=f"superseded by rollout {row.id}",
-                )
+                _supersede(session, old, by=row, actor=actor, now=now)
             audit(
                 session,
                 actor=actor,
@@ -162,6 +116,47 @@ class RolloutManager:
             "rollout %d created: %s version %s, %s, by %s", view.id, view.model, view.version, view.strategy, actor
         )
         return view
+
+    def _check_versions(self, body: RolloutCreate) -> None:
+        """Every version the rollout names exists (404 otherwise); the new one passed its gates (422 otherwise)."""
+        new = self._catalog.summary(body.model, body.version)
+        if not new.gates_passed:
+            raise InvalidRequestError(f"version {body.version} of {body.model} did not pass its gates; not rolled out")
+        if body.ab is not None:
+            self._catalog.summary(body.model, body.ab.control_version)
+        if body.previous_version is not None:
+            self._catalog.summary(body.model, body.previous_version)
+
+    @staticmethod
+    def _active(session: Session, model: str, key: str) -> list[Rollout]:
+        """The active rollouts of ``model`` for the device set ``key``."""
+        query = sa.select(Rollout).where(
+            Rollout.model == model,
+            Rollout.selector_key == key,
+            Rollout.state.in_([s.value for s in ACTIVE_STATES]),
+        )
+        return list(session.execute(query).scalars().all())
+
+    def _new_row(self, session: Session, body: RolloutCreate, key: str, *, actor: str, now: datetime) -> Rollout:
+        """The running rollout ``body`` asks for, at its first wave from ``now``."""
+        return Rollout(
+            model=body.model,
+            version=body.version,
+            previous_version=body.previous_version or self._previous_version(session, body.model, key),
+            strategy=body.strategy.value,
+            state=RolloutState.running.value,
+            selector=body.selector.model_dump(),
+            selector_key=key,
+            waves=[w.model_dump() for w in self._waves(body)],
+            ab=body.ab.model_dump() if body.ab else None,
+            current_wave=0,
+            wave_started_at=now,
+            revision=0,
+            created_by=actor,
+            reason=body.reason,
+            created_at=now,
+            updated_at=now,
+        )
 
     def _waves(self, body: RolloutCreate) -> list[WaveSpec]:
         if body.strategy == Strategy.immediate:
@@ -281,6 +276,20 @@ class RolloutManager:
                 rollout, RolloutState.completed, actor="scheduler", action="complete", reason=decision.reason
             )
         return int(done)
+
+
+def _supersede(session: Session, old: Rollout, *, by: Rollout, actor: str, now: datetime) -> None:
+    """End ``old`` because ``by`` replaces it, with its own audit record."""
+    old.state, old.revision, old.updated_at = RolloutState.aborted.value, old.revision + 1, now
+    audit(
+        session,
+        actor=actor,
+        action="superseded",
+        rollout_id=old.id,
+        model=old.model,
+        version=old.version,
+        reason=f"superseded by rollout {by.id}",
+    )
 
 
 def decide(rollout: RolloutView, progress: RolloutProgress, *, now: datetime) -> Decision:

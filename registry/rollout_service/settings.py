@@ -1,6 +1,9 @@
-"""Settings of the rollout service: flags, then ``YOLO_OTA_*`` environment variables, then a TOML config file.
+"""Settings of the rollout service: flags, then ``YOLO_OTA_*`` environment variables, then the config file.
 
-Built once in ``main`` (or by a test) and passed to ``create_app``; never read at import time.
+The file is the one every command reads (``yolo_ota.config``: ``--config``, ``YOLO_OTA_CONFIG``,
+``./yolo-ota.toml``, the user's config folder); the service reads its ``[server]`` table and, as before tables,
+plain keys at the top of the file. ``mlflow_uri`` falls back to ``MLFLOW_TRACKING_URI``. Built once in ``main``
+(or by a test) and passed to ``create_app``; never read at import time.
 """
 
 from __future__ import annotations
@@ -11,14 +14,23 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+from pydantic_settings import SettingsConfigDict
 
 from registry.rollout_service.errors import ServiceSettingsError
 from registry.rollout_service.schemas import WaveSpec
+from yolo_ota.config import CONFIG_FILE_ENV, LayeredSettings, build, read_config
 
 log = logging.getLogger(__name__)
 
-CONFIG_FILE_ENV = "YOLO_OTA_CONFIG"
+__all__ = [
+    "CONFIG_FILE_ENV",
+    "DEFAULT_WAVES",
+    "DEV_ENROLLMENT_TOKEN",
+    "DEV_OPERATOR_TOKEN",
+    "DEV_WEBHOOK_SECRET",
+    "ServiceSettings",
+    "load_settings",
+]
 DEV_OPERATOR_TOKEN = "dev-operator-token"
 DEV_ENROLLMENT_TOKEN = "dev-enrollment-token"
 DEV_WEBHOOK_SECRET = "dev-webhook-secret"
@@ -34,10 +46,12 @@ def _default_data_dir() -> Path:
     return Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "yolo-ota" / "server"
 
 
-class ServiceSettings(BaseSettings):
+class ServiceSettings(LayeredSettings):
     """Everything the rollout service reads. Secrets have no default outside ``dev_mode``."""
 
     model_config = SettingsConfigDict(env_prefix="YOLO_OTA_", extra="ignore", frozen=True)
+    config_family = "server"
+    config_top_level = True
 
     data_dir: Path = Field(default_factory=_default_data_dir)
     database_url: str | None = None  # default: SQLite in data_dir
@@ -61,23 +75,6 @@ class ServiceSettings(BaseSettings):
     default_waves: list[WaveSpec] = Field(default_factory=lambda: list(DEFAULT_WAVES))
     variant_preference: str = "cuda-fp16,cuda-fp32,cpu-fp32"
     s3_endpoint_url: str | None = None  # for presigned URLs when bundles live in S3 and MLflow does not proxy them
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        config_file = os.environ.get(CONFIG_FILE_ENV)
-        if config_file:
-            if not Path(config_file).is_file():
-                raise ServiceSettingsError(f"{CONFIG_FILE_ENV}={config_file}: no such file")
-            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config_file))
-        return tuple(sources)
 
     @field_validator("default_waves")
     @classmethod
@@ -142,12 +139,14 @@ def _split(value: str | None) -> list[str]:
     return [part.strip() for part in (value or "").split(",") if part.strip()]
 
 
-def load_settings(**overrides: Any) -> ServiceSettings:
-    """Settings from ``overrides`` (flags), the environment and the config file; one readable error if invalid."""
+def load_settings(config_file: Path | None = None, **overrides: Any) -> ServiceSettings:
+    """Settings from ``overrides`` (flags; None is not given), the environment and the config file (``config_file``,
+    else the one found); one readable error if invalid."""
     from pydantic import ValidationError
 
+    config = read_config(config_file, error=ServiceSettingsError)
     try:
-        return ServiceSettings(**{k: v for k, v in overrides.items() if v is not None})
+        return build(ServiceSettings, config, overrides)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "settings"

@@ -1,0 +1,92 @@
+"""The per-app ``Service``: the engine and the managers over it, built once by ``build_service(settings)``.
+
+``create_app`` builds one and keeps it in ``app.state.service``; routes reach it through ``api.deps``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+
+from registry.mlflow_gateway import MlflowGateway
+from registry.resolver import BundleResolver
+from registry.rollout_service.auth import OperatorTokens
+from registry.rollout_service.bundles import BundleCatalog
+from registry.rollout_service.db import make_engine, migrate, session_factory
+from registry.rollout_service.desired import DesiredIndex
+from registry.rollout_service.devices import DeviceRegistry
+from registry.rollout_service.metrics import ServiceMetrics
+from registry.rollout_service.promotions import PromotionWatcher
+from registry.rollout_service.queries import Queries
+from registry.rollout_service.rollouts import RolloutManager
+from registry.rollout_service.settings import ServiceSettings
+
+
+@dataclass
+class Service:
+    """Everything a request handler may need, built once per app."""
+
+    settings: ServiceSettings
+    operators: OperatorTokens
+    devices: DeviceRegistry
+    desired: DesiredIndex
+    rollouts: RolloutManager
+    promotions: PromotionWatcher
+    queries: Queries
+    catalog: BundleCatalog
+    metrics: ServiceMetrics
+    engine: sa.Engine
+
+
+def build_service(settings: ServiceSettings) -> Service:
+    """Engine, migrations, and the managers over them."""
+    engine = make_engine(settings.database)
+    migrate(engine)
+    sessions = session_factory(engine)
+    resolver_factory, gateway_factory = _mlflow_factories(settings)
+    catalog = BundleCatalog(sessions, resolver_factory, ttl_s=settings.bundle_cache_ttl_s)
+    desired = DesiredIndex(sessions, catalog, settings)
+    rollouts = RolloutManager(sessions, catalog, settings, fleet=desired.fleet, on_change=desired.invalidate)
+    operators = OperatorTokens(sessions)
+    operators.install(settings.operator_token_list)
+    return Service(
+        settings=settings,
+        operators=operators,
+        devices=DeviceRegistry(sessions, catalog, desired, settings),
+        desired=desired,
+        rollouts=rollouts,
+        promotions=PromotionWatcher(sessions, catalog, rollouts, gateway_factory, settings),
+        queries=Queries(sessions, rollouts),
+        catalog=catalog,
+        metrics=ServiceMetrics(sessions),
+        engine=engine,
+    )
+
+
+def _mlflow_factories(
+    settings: ServiceSettings,
+) -> tuple[Callable[[], BundleResolver] | None, Callable[[], MlflowGateway] | None]:
+    """How to reach MLflow for bundles and for aliases and tags; neither without an MLflow URI."""
+    mlflow_uri = settings.mlflow_uri
+    if not mlflow_uri:
+        return None, None
+    presign = None
+    if settings.s3_endpoint_url:
+        from registry.s3 import s3_presigner
+
+        presign = s3_presigner(endpoint_url=settings.s3_endpoint_url)
+
+    def resolver_factory() -> BundleResolver:
+        return BundleResolver(mlflow_uri, timeout_s=10, max_retries=1, presign=presign)
+
+    gateways: list[MlflowGateway] = []
+
+    def gateway_factory() -> MlflowGateway:
+        # Built on first use: importing mlflow takes seconds, and the REST API should answer before that.
+        if not gateways:
+            gateways.append(MlflowGateway(mlflow_uri, max_retries=1, timeout_s=10))
+        return gateways[0]
+
+    return resolver_factory, gateway_factory
