@@ -3,7 +3,7 @@
     POST /v1/detect   image bytes (JPEG, PNG, ...) -> detections and the version that answered
     GET  /v1/status   the agent's state, serving version, queued reports, last poll
     GET  /healthz     200 while a validated model serves, 503 before the first one
-    GET  /metrics     Prometheus text format
+    GET  /metrics     Prometheus text format (built in ``edge_agent.metrics``)
 
 Meant for the line's own software on the same host: bind it to loopback (the default).
 """
@@ -15,22 +15,37 @@ import logging
 import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from edge_agent.errors import ModelOutputError, NoModelError
+from edge_agent.metrics import CONTENT_TYPE_LATEST, exposition
 
 if TYPE_CHECKING:
-    from edge_agent.agent import Agent
+    import numpy as np
+    from prometheus_client import CollectorRegistry
+
+    from edge_agent.runtime import DetectResult, InferenceRuntime
 
 log = logging.getLogger(__name__)
 
 MAX_IMAGE_BYTES = 32 << 20
 
 
+class ServedAgent(Protocol):
+    """What the local API needs of an agent (``edge_agent.agent.Agent`` is one; this module does not import it)."""
+
+    runtime: InferenceRuntime
+    metrics: CollectorRegistry
+
+    def status(self) -> dict[str, Any]: ...
+
+    def detect(self, image: bytes | np.ndarray) -> DetectResult: ...
+
+
 class LocalApi:
     """Serves one agent on ``host:port`` in a background thread."""
 
-    def __init__(self, agent: Agent, host: str, port: int) -> None:
+    def __init__(self, agent: ServedAgent, host: str, port: int) -> None:
         handler = type("Handler", (_Handler,), {"agent": agent})
         self._server = ThreadingHTTPServer((host, port), handler)
         self._server.daemon_threads = True
@@ -52,7 +67,7 @@ class LocalApi:
 
 
 class _Handler(BaseHTTPRequestHandler):
-    agent: Agent
+    agent: ServedAgent
     protocol_version = "HTTP/1.1"  # keep-alive: a line camera posts frames back to back
 
     def log_message(self, format: str, *args: Any) -> None:
@@ -66,7 +81,7 @@ class _Handler(BaseHTTPRequestHandler):
         elif self.path == "/v1/status":
             self._json(HTTPStatus.OK, self.agent.status())
         elif self.path == "/metrics":
-            self._send(HTTPStatus.OK, metrics_text(self.agent).encode(), "text/plain; version=0.0.4")
+            self._send(HTTPStatus.OK, exposition(self.agent.metrics), CONTENT_TYPE_LATEST)
         else:
             self._json(HTTPStatus.NOT_FOUND, {"detail": f"no route {self.path}"})
 
@@ -120,46 +135,3 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Retry-After", "5")
         self.end_headers()
         self.wfile.write(payload)
-
-
-def metrics_text(agent: Agent) -> str:
-    """Counters and recent latency per version, plus the agent's state, in Prometheus' text format."""
-    lines = [
-        "# HELP yolo_ota_agent_inferences_total Detect requests and probes run, per version.",
-        "# TYPE yolo_ota_agent_inferences_total counter",
-    ]
-    totals = agent.telemetry.totals()
-    for version, t in totals.items():
-        lines.append(f'yolo_ota_agent_inferences_total{{version="{version}"}} {t.inferences}')
-    lines += [
-        "# HELP yolo_ota_agent_errors_total Failed inferences, per version.",
-        "# TYPE yolo_ota_agent_errors_total counter",
-    ]
-    for version, t in totals.items():
-        lines.append(f'yolo_ota_agent_errors_total{{version="{version}"}} {t.errors}')
-    lines += [
-        "# HELP yolo_ota_agent_latency_ms Recent detect latency, per version.",
-        "# TYPE yolo_ota_agent_latency_ms gauge",
-    ]
-    for version, t in totals.items():
-        lines.append(f'yolo_ota_agent_latency_ms{{version="{version}",quantile="0.5"}} {t.latency_ms.p50:.3f}')
-        lines.append(f'yolo_ota_agent_latency_ms{{version="{version}",quantile="0.99"}} {t.latency_ms.p99:.3f}')
-    serving = agent.runtime.serving
-    lines += [
-        "# HELP yolo_ota_agent_serving The version serving now (1).",
-        "# TYPE yolo_ota_agent_serving gauge",
-    ]
-    if serving is not None:
-        lines.append(
-            f'yolo_ota_agent_serving{{model="{serving.model}",version="{serving.version}",'
-            f'variant="{serving.variant}",device="{serving.device}"}} 1'
-        )
-    lines += [
-        "# HELP yolo_ota_agent_reports_queued Events waiting for the rollout service.",
-        "# TYPE yolo_ota_agent_reports_queued gauge",
-        f"yolo_ota_agent_reports_queued {len(agent.reporter.outbox)}",
-        "# HELP yolo_ota_agent_state The update state (1 for the current one).",
-        "# TYPE yolo_ota_agent_state gauge",
-        f'yolo_ota_agent_state{{state="{agent.state.state.value}"}} 1',
-    ]
-    return "\n".join(lines) + "\n"

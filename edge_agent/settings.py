@@ -1,29 +1,36 @@
-"""Settings of the edge agent: flags, then ``YOLO_OTA_AGENT_*`` environment variables, then a TOML file.
+"""Settings of the edge agent: flags, then ``YOLO_OTA_AGENT_*`` environment variables, then the config file.
 
-The file is named by ``--config`` or ``YOLO_OTA_AGENT_CONFIG``. Built once in ``main`` (or by a test, or by a
-program that embeds the agent) and passed down; never read at import time.
+The file is the one every command reads (``yolo_ota.config``), except that ``YOLO_OTA_AGENT_CONFIG`` names it
+before ``YOLO_OTA_CONFIG`` does: ``--config``, ``YOLO_OTA_AGENT_CONFIG``, ``YOLO_OTA_CONFIG``, ``./yolo-ota.toml``,
+the user's config folder. The agent reads its ``[agent]`` table and, as its files had before tables, plain keys at
+the top of the file. Built once in ``main`` (or by a test, or by a program that embeds the agent) and passed down;
+never read at import time.
 """
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+from pydantic_settings import SettingsConfigDict
 
 from edge_agent.errors import AgentSettingsError
+from yolo_ota.config import CONFIG_FILE_ENV as SHARED_CONFIG_FILE_ENV
+from yolo_ota.config import LayeredSettings, build, read_config
 
 CONFIG_FILE_ENV = "YOLO_OTA_AGENT_CONFIG"
 _DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 
 
-class AgentSettings(BaseSettings):
+class AgentSettings(LayeredSettings):
     """Everything the agent reads."""
 
     model_config = SettingsConfigDict(env_prefix="YOLO_OTA_AGENT_", extra="ignore", frozen=True)
+    config_family = "agent"
+    config_env_names = (CONFIG_FILE_ENV, SHARED_CONFIG_FILE_ENV)
+    config_top_level = True
 
     server: str  # rollout service base URL
     device_id: str
@@ -54,23 +61,6 @@ class AgentSettings(BaseSettings):
     # Seconds to wait right after a state is saved, before its step runs: for crash-recovery drills (kill the
     # agent while it sits in a state) and demos. Empty in production.
     pause_on_enter: dict[str, float] = Field(default_factory=dict)
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        config_file = os.environ.get(CONFIG_FILE_ENV)
-        if config_file:
-            if not Path(config_file).is_file():
-                raise AgentSettingsError(f"{CONFIG_FILE_ENV}={config_file}: no such file")
-            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config_file))
-        return tuple(sources)
 
     @field_validator("server")
     @classmethod
@@ -105,11 +95,11 @@ class AgentSettings(BaseSettings):
 
 
 def load_settings(config_file: Path | None = None, **overrides: Any) -> AgentSettings:
-    """Settings from ``overrides`` (flags), the environment and the config file; one readable error if invalid."""
-    if config_file is not None:
-        os.environ[CONFIG_FILE_ENV] = str(config_file)
+    """Settings from ``overrides`` (flags; None is not given), the environment and the config file (``config_file``,
+    else the one found); one readable error if invalid."""
+    config = read_config(config_file, env_names=AgentSettings.config_env_names, error=AgentSettingsError)
     try:
-        return AgentSettings(**{k: v for k, v in overrides.items() if v is not None})
+        return build(AgentSettings, config, overrides)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first["loc"]) or "settings"

@@ -2,7 +2,9 @@
 
 The next state is saved *before* its step runs, so a restart always knows where it stopped, and every step must
 be safe to run twice. ``TRANSITIONS`` is the whole table of (state, event) -> next state; ``AFTER_CRASH`` says
-what a saved state means when the agent starts and finds it. State values are written to disk: never rename them.
+what a saved state means when the agent starts and finds it; ``STEP_HANDLERS`` names the method of
+``edge_agent.updates.Updates`` that runs each state's step. Adding a state is one row in each table and one
+method. State values are written to disk: never rename them.
 
 Saving is atomic (write a temporary file, fsync it, rename over the old one, fsync the folder), so a kill at any
 instant leaves either the old state or the new one. A save counter per update breaks loops: an update that keeps
@@ -60,6 +62,8 @@ TRANSITIONS: dict[tuple[State, Event], State] = {
     (State.validating, Event.failed): State.idle,
     (State.swapping, Event.failed): State.rolling_back,
     (State.probation, Event.failed): State.rolling_back,
+    # A rollback attempt that failed (the last known good version did not load) is saved and tried again.
+    (State.rolling_back, Event.failed): State.rolling_back,
     # A newer version may arrive while waiting to settle; a committed one is kept as the last known good.
     (State.committed, Event.new_version): State.downloading,
 }
@@ -75,6 +79,19 @@ AFTER_CRASH: dict[State, tuple[State, str]] = {
     State.committed: (State.committed, "the new version is the last known good one: serve it"),
     State.rolling_back: (State.rolling_back, "finish going back to the last known good version"),
 }
+
+# The step each saved state runs, by the name of its ``edge_agent.updates.Updates`` method (kept as names so that
+# this module stays light: no torch). idle and committed run no step: an update is not under way, or it is done.
+STEP_HANDLERS: dict[State, str] = {
+    State.downloading: "download",
+    State.verifying: "verify",
+    State.validating: "validate",
+    State.swapping: "swap_in",
+    State.probation: "watch_probation",
+    State.rolling_back: "roll_back",
+}
+RESTING = (State.idle, State.committed)  # states where no step runs
+BEFORE_SWAP = (State.downloading, State.verifying, State.validating)  # nothing runs the new version yet
 
 
 _CLEARED_TARGET = {

@@ -1,12 +1,11 @@
-"""What the serving models did: windows for the reports to the rollout service, totals for ``/metrics``, and
-the probation watch that judges a freshly swapped-in version.
+"""What the serving models did: windows for the reports to the rollout service, totals for ``/metrics``.
+
+The probation watch that judges a freshly swapped-in version lives in ``edge_agent.probation``.
 """
 
 from __future__ import annotations
 
-import math
 import threading
-import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -87,69 +86,3 @@ class Telemetry:
         with self._lock:
             window = self._totals.get(version)
             return percentile_ms(window.latencies_ms, 99) if window and window.latencies_ms else None
-
-
-@dataclass(frozen=True)
-class Verdict:
-    passed: bool
-    reason: str
-
-
-class ProbationWatch:
-    """Judges the version swapped in: N inferences or T seconds, whichever comes first, with at least a minimum
-    number of inferences (the agent probes with golden inputs when traffic is scarce).
-
-    Fails at once on an error or a NaN/inf output, and at the end when p99 exceeds
-    ``max(budget, factor x previous p99)``.
-    """
-
-    def __init__(
-        self,
-        version: str,
-        *,
-        inferences: int,
-        duration_s: float,
-        min_inferences: int,
-        budget_ms: float | None,
-        previous_p99_ms: float | None,
-        p99_factor: float,
-    ) -> None:
-        self.version = version
-        self._target = inferences
-        self._min = min(min_inferences, inferences)
-        self._deadline = time.monotonic() + duration_s
-        limits = [x for x in (budget_ms, p99_factor * previous_p99_ms if previous_p99_ms else None) if x]
-        self.limit_ms = max(limits) if limits else math.inf
-        self._lock = threading.Lock()
-        self.inferences = 0
-        self.errors: list[str] = []
-        self._latencies_ms: list[float] = []
-
-    def observe(self, inference: Inference) -> None:
-        if inference.model.version != self.version:
-            return
-        with self._lock:
-            self.inferences += 1
-            if inference.error is not None:
-                self.errors.append(inference.error)
-            else:
-                self._latencies_ms.append(inference.latency_ms)
-
-    @property
-    def needs_probes(self) -> bool:
-        return time.monotonic() >= self._deadline and self.inferences < self._min
-
-    def verdict(self) -> Verdict | None:
-        """None while undecided; else whether the version passed, and why."""
-        with self._lock:
-            if self.errors:
-                return Verdict(False, f"{len(self.errors)} failed inference(s) in probation: {self.errors[0][:200]}")
-            done = self.inferences >= self._target or (
-                time.monotonic() >= self._deadline and self.inferences >= self._min
-            )
-            if not done:
-                return None
-            p99 = percentile_ms(self._latencies_ms, 99)
-        if p99 > self.limit_ms:
-            return Verdict(False, f"p99 {p99:.1f} ms over {self.inferences} inferences exceeds {self.limit_ms:.1f} ms")
-        return Verdict(True, f"{self.inferences} inferences, no error, p99 {p99:.1f} ms (limit {self.limit_ms:.1f} ms)")

@@ -14,6 +14,7 @@ from agent_stack import AgentStack, AgentVersions, lane_agent, refused
 from agents import start_agent
 from faultproxy import Corrupt, Cut, Rewrite, rewrite_json
 from fleet import Fleet
+from prometheus_client.parser import text_string_to_metric_families
 from servers import ENROLLMENT_TOKEN, RunningServer, start_rollout_service
 
 
@@ -54,8 +55,9 @@ def test_happy_path_rollout_to_detect(agent_stack: AgentStack, tmp_path: Path, b
             assert step in states, states
         assert states.index("downloading") < states.index("validating") < states.index("committed")
         assert device["state"] == "committed"
-        metrics = httpx.get(agent.url + "/metrics").text
-        assert f'yolo_ota_agent_serving{{model="{stack.versions.model}",version="{stack.versions["good2"]}"' in metrics
+        metrics = {f.name: f for f in text_string_to_metric_families(httpx.get(agent.url + "/metrics").text)}
+        (serving,) = metrics["yolo_ota_agent_serving"].samples
+        assert (serving.labels["model"], serving.labels["version"]) == (stack.versions.model, stack.versions["good2"])
     finally:
         agent.stop()
 

@@ -15,7 +15,9 @@ import pytest
 from edge_agent.errors import StateError
 from edge_agent.state import (
     AFTER_CRASH,
+    RESTING,
     STATE_FILE,
+    STEP_HANDLERS,
     TRANSITIONS,
     AgentState,
     Event,
@@ -54,11 +56,28 @@ def test_failures_before_the_swap_discard_and_after_it_go_back() -> None:
         assert next_state(state, Event.failed) == State.idle
     for state in (State.swapping, State.probation):
         assert next_state(state, Event.failed) == State.rolling_back
+    assert next_state(State.rolling_back, Event.failed) == State.rolling_back  # a failed rollback is tried again
     with pytest.raises(StateError, match="no transition from idle on done"):
         next_state(State.idle, Event.done)
     # Every state is reachable and every state has a way out.
     assert {target for target in TRANSITIONS.values()} | {State.idle} == set(State)
     assert {source for source, _ in TRANSITIONS} == set(State)
+
+
+def test_every_state_under_way_has_a_step_handler() -> None:
+    """The step table names one method of the update lifecycle for each state where a step runs, and no more."""
+    from edge_agent.updates import Updates
+
+    assert set(STEP_HANDLERS) == set(State) - set(RESTING)
+    for state, name in STEP_HANDLERS.items():
+        assert callable(getattr(Updates, name, None)), f"{state.value}: Updates has no method {name}"
+    assert len(set(STEP_HANDLERS.values())) == len(STEP_HANDLERS), "two states share a handler"
+
+
+def test_the_state_tables_load_without_torch() -> None:
+    code = "import sys, edge_agent.state; print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "False", done.stdout + done.stderr
 
 
 @pytest.mark.parametrize("saved", list(State))
