@@ -41,26 +41,17 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from loadgen import ENDPOINTS, Device, LoadResult, run_load, save_devices
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
-
-from loadgen import ENDPOINTS, Device, LoadResult, run_load, save_devices  # noqa: E402
-from servers import (  # noqa: E402
-    ENROLLMENT_TOKEN,
-    OPERATOR_TOKEN,
-    RunningServer,
-    create_postgres_database,
-    drop_postgres_database,
-    postgres_reachable,
-    start_mlflow,
-    start_rollout_service,
-)
+from yolo_ota.processes import RunningServer
+from yolo_ota.scratch_postgres import create_postgres_database, drop_postgres_database, postgres_reachable
+from yolo_ota.servers import ServiceTokens, start_mlflow, start_service
 
 MODEL_NAME = "bench-fleet"
+TOKENS = ServiceTokens(operator_name="bench")
 POLL_INTERVAL_S = 30
 # Production intervals, written out so the figures say what they were taken with; no alias polling.
 SERVICE_SETTINGS = {
@@ -155,7 +146,7 @@ async def enroll(url: str, count: int, concurrency: int, fingerprint: dict[str, 
         async def one(index: int) -> None:
             device_id = f"bench-{index:06d}"
             body = {
-                "enrollment_token": ENROLLMENT_TOKEN,
+                "enrollment_token": TOKENS.enrollment,
                 "device_id": device_id,
                 "labels": {"line": f"line-{index % 20}", "site": "bench"},
                 "fingerprint": fingerprint,
@@ -188,7 +179,7 @@ async def learn_etags(url: str, devices: list[Device], version: str, concurrency
 
 
 def _operator(url: str) -> httpx.Client:
-    return httpx.Client(base_url=url, headers={"Authorization": f"Bearer {OPERATOR_TOKEN}"}, timeout=60)
+    return httpx.Client(base_url=url, headers={"Authorization": f"Bearer {TOKENS.operator}"}, timeout=60)
 
 
 def start_rollout(url: str, version: str) -> int:
@@ -342,8 +333,9 @@ def measure_backend(
 
     with contextlib.ExitStack() as stack:
         console.print(f"[bold]{backend}[/bold]: starting the rollout service")
-        service = start_rollout_service(
-            work, database_url=database_url, mlflow_url=mlflow_url, settings=SERVICE_SETTINGS
+        settings = {"DATABASE_URL": database_url, "MLFLOW_URI": mlflow_url, "WATCH_MODELS": MODEL_NAME}
+        service = start_service(
+            work, TOKENS, {**settings, **SERVICE_SETTINGS}, env={"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}, verbose=True
         )
         stack.callback(service.stop)
         stack.push(lambda kind, exc, tb: _show_log(service, exc))

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import sys
 import tempfile
 import threading
 import time
@@ -23,18 +22,37 @@ from pathlib import Path
 
 os.environ.setdefault("YOLO_OFFLINE", "true")
 os.environ.setdefault("YOLO_CONFIG_DIR", tempfile.mkdtemp(prefix="yolo-ota-bench-"))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tests' process launchers
 
 import httpx
 import numpy as np
-from agents import start_agent
-from fleet import Fleet
-from servers import start_mlflow, start_rollout_service
 
 from exporters.bundle import read_manifest, write_manifest
 from exporters.export import ExportRequest, export_bundle
+from yolo_ota.processes import RunningServer, started
+from yolo_ota.servers import ServiceTokens, launch_agent, start_mlflow, start_service
 
 MODEL = "bench-line"
+# Seconds, not the minutes a factory would use: a swap's figures are the agent's, not the loops' waits.
+SERVICE_SETTINGS = {
+    "WATCH_MODELS": MODEL,
+    "POLL_INTERVAL_S": "1",
+    "SCHEDULER_INTERVAL_S": "0.25",
+    "ALIAS_POLL_INTERVAL_S": "1",
+    "STATE_CHECK_INTERVAL_S": "0.1",
+    "HEARTBEAT_FLUSH_S": "0.5",
+}
+AGENT_SETTINGS = {
+    "POLL_INTERVAL_S": "0.5",
+    "POLL_JITTER": "0.2",
+    "BACKOFF_MAX_S": "1.5",
+    "REPORT_INTERVAL_S": "0.5",
+    "HTTP_TIMEOUT_S": "10",
+    "PROBATION_S": "3",
+    "PROBATION_INFERENCES": "50",
+    "PROBATION_MIN_INFERENCES": "10",
+    "MEMORY_HEADROOM": "0.05",
+    "MIN_FREE_BYTES": "0",
+}
 
 
 @dataclass(frozen=True)
@@ -53,6 +71,19 @@ def stats(answers: list[Answer]) -> tuple[float, float, int, int]:
         len(answers),
         sum(not a.ok for a in answers),
     )
+
+
+def wait_serving(agent: RunningServer, version: str, timeout_s: float) -> None:
+    """Until the agent's ``/v1/status`` says it serves ``version`` and is idle (committed)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not agent.running:
+            raise RuntimeError(f"the agent exited with {agent.process.returncode}:\n{agent.log_tail()}")
+        status = httpx.get(agent.url + "/v1/status", timeout=10).json()
+        if status["state"] == "idle" and (status["serving"] or {}).get("version") == version:
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"the agent did not serve v{version} within {timeout_s:.0f} s:\n{agent.log_tail()}")
 
 
 def main() -> int:
@@ -81,24 +112,26 @@ def main() -> int:
 
         gateway = MlflowGateway(mlflow.url)
         versions = [gateway.register_bundle(path, MODEL).version.version for path in (first, second)]
-        service = start_rollout_service(
-            root / "service", mlflow_url=mlflow.url, settings={"WATCH_MODELS": MODEL, "POLL_INTERVAL_S": "1"}
-        )
-        fleet = Fleet(service.url)
-        agent = start_agent(
-            root / "agent", server_url=service.url, device_id="bench-0", labels={"lane": "bench"},
-            settings={"PROBATION_S": "3", "PROBATION_INFERENCES": "50", "PROBATION_MIN_INFERENCES": "10",
-                      "POLL_INTERVAL_S": "0.5", "MEMORY_HEADROOM": "0.05"},
+        tokens = ServiceTokens(operator_name="bench")
+        service = start_service(root / "service", tokens, {**SERVICE_SETTINGS, "MLFLOW_URI": mlflow.url})
+        agent = started(
+            launch_agent(
+                root / "agent", server_url=service.url, device_id="bench-0", enrollment_token=tokens.enrollment,
+                labels={"lane": "bench"}, settings=AGENT_SETTINGS,
+            ),
+            timeout_s=60,
         )  # fmt: skip
 
         def roll_out(version: str) -> float:
             at = time.monotonic()
-            fleet.create_rollout(model=MODEL, version=version, strategy="immediate",
-                                 selector={"labels": {"lane": "bench"}}, supersede=True)  # fmt: skip
+            body = {"model": MODEL, "version": version, "strategy": "immediate",
+                    "selector": {"labels": {"lane": "bench"}}, "supersede": True}  # fmt: skip
+            headers = {"Authorization": f"Bearer {tokens.operator}"}
+            httpx.post(service.url + "/v1/rollouts", json=body, headers=headers, timeout=30).raise_for_status()
             return at
 
         roll_out(versions[0])
-        agent.wait_serving(versions[0], timeout_s=300)
+        wait_serving(agent, versions[0], timeout_s=300)
         answers: list[Answer] = []
         stop = threading.Event()
 
@@ -123,7 +156,7 @@ def main() -> int:
         for swap in range(args.swaps):
             target = versions[(swap + 1) % 2]
             changed_at = roll_out(target)
-            agent.wait_serving(target, timeout_s=300)
+            wait_serving(agent, target, timeout_s=300)
             committed_at = time.monotonic()
             first_new = min((a.ended for a in answers if a.version == target and a.started >= changed_at),
                             default=float("nan"))  # fmt: skip

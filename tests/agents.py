@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
-from servers import ENROLLMENT_TOKEN, RunningServer, free_port
+from servers import ENROLLMENT_TOKEN
+
+from yolo_ota.processes import RunningServer, started
+from yolo_ota.servers import launch_agent
 
 # Fast loops for tests: seconds, not the minutes a factory would use.
 FAST_AGENT_SETTINGS = {
@@ -33,23 +32,18 @@ FAST_AGENT_SETTINGS = {
 
 @dataclass
 class RunningAgent(RunningServer):
-    data_dir: Path = field(default_factory=Path)
     device_id: str = ""
-    command: list[str] = field(default_factory=list)
-    env: dict[str, str] = field(default_factory=dict)
 
-    def kill(self) -> None:
-        """SIGKILL: no clean-up of any kind, as a power cut would do."""
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=10)
+    @property
+    def data_dir(self) -> Path:
+        return self.cwd
 
-    def restart(self, *, settings: dict[str, str] | None = None) -> RunningAgent:
+    def restart(self, *, settings: dict[str, str] | None = None, timeout_s: float = 60) -> RunningAgent:
         """Start the same agent again (same data dir and port), optionally with other settings."""
         env = dict(self.env)
         env.pop("YOLO_OTA_AGENT_PAUSE_ON_ENTER", None)
         env.update({f"YOLO_OTA_AGENT_{k}": v for k, v in (settings or {}).items()})
-        return _launch(self.command, env, self.data_dir, self.url, self.device_id)
+        return started(self.relaunch(env), timeout_s)
 
     def status(self) -> dict[str, Any]:
         return httpx.get(self.url + "/v1/status", timeout=10).json()
@@ -84,51 +78,14 @@ class RunningAgent(RunningServer):
 def start_agent(
     data_dir: Path,
     *,
-    server_url: str,
-    device_id: str,
-    labels: dict[str, str] | None = None,
-    public_key: Path | None = None,
     settings: dict[str, str] | None = None,
     enrollment_token: str = ENROLLMENT_TOKEN,
     timeout_s: float = 60,
+    **options: Any,
 ) -> RunningAgent:
-    """Start ``yolo-ota agent`` with fast test settings; wait until its local API answers."""
-    data_dir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("YOLO_OTA_")}
-    env.update({f"YOLO_OTA_AGENT_{k}": v for k, v in {**FAST_AGENT_SETTINGS, **(settings or {})}.items()})
-    exe = Path(sys.executable).parent / "yolo-ota"
-    command = [
-        str(exe), "agent", "--server", server_url, "--device-id", device_id, "--enrollment-token", enrollment_token,
-        "--data-dir", str(data_dir), "--listen", f"127.0.0.1:{port}",
-    ]  # fmt: skip
-    for key, value in (labels or {}).items():
-        command += ["--label", f"{key}={value}"]
-    if public_key is not None:
-        command += ["--public-key", str(public_key)]
-    return _launch(command, env, data_dir, f"http://127.0.0.1:{port}", device_id, timeout_s)
-
-
-def _launch(
-    command: list[str], env: dict[str, str], data_dir: Path, url: str, device_id: str, timeout_s: float = 60
-) -> RunningAgent:
-    log_path = data_dir / "agent.log"
-    with log_path.open("ab") as log:
-        process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=data_dir, start_new_session=True
-        )
-    agent = RunningAgent(
-        url=url, process=process, log_path=log_path, data_dir=data_dir, device_id=device_id, command=command, env=env
+    """``yolo_ota.servers.launch_agent`` (``server_url``, ``device_id``, ...) with fast test settings and the test
+    enrollment token; waits until its local API answers."""
+    server = launch_agent(
+        data_dir, enrollment_token=enrollment_token, settings={**FAST_AGENT_SETTINGS, **(settings or {})}, **options
     )
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"agent exited with {process.returncode}:\n{agent.log_tail()}")
-        try:
-            if httpx.get(url + "/v1/status", timeout=2).status_code == 200:
-                return agent
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    agent.kill()
-    raise RuntimeError(f"agent at {url} did not answer after {timeout_s:.0f} s:\n{agent.log_tail()}")
+    return started(RunningAgent(**vars(server), device_id=options["device_id"]), timeout_s)

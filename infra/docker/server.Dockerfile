@@ -8,9 +8,9 @@
 #       -e YOLO_OTA_ENROLLMENT_TOKEN=... -e YOLO_OTA_MLFLOW_URI=... yolo-ota-server:0.1.0
 #
 # Dependencies come from uv.lock (`uv sync --locked`), the `server` extra only. The service reads bundle
-# manifests and device fingerprints but never loads a model, so torch and what only torch needs (on Linux the
-# CUDA libraries, several GB) are left out: server-without-torch.txt lists them, and tests/test_infra.py checks
-# that list against uv.lock and that the service starts with torch unimportable.
+# manifests and device fingerprints but never loads a model, and that extra brings no torch (nor the CUDA
+# libraries, several GB): tests/test_infra.py checks the locked `server` extra for torch and that the service
+# starts with torch unimportable.
 
 ARG PYTHON_IMAGE=python:3.11.13-slim-bookworm
 ARG UV_IMAGE=ghcr.io/astral-sh/uv:0.13.9
@@ -26,16 +26,13 @@ ENV UV_COMPILE_BYTECODE=1 \
     UV_PROJECT_ENVIRONMENT=/opt/yolo-ota
 WORKDIR /src
 COPY pyproject.toml uv.lock README.md ./
-COPY infra/docker/server-without-torch.txt /tmp/server-without-torch.txt
 # Dependencies first, in a layer that changes only with uv.lock; then the project itself (not editable).
-RUN grep -v -e '^#' -e '^$' /tmp/server-without-torch.txt | sed 's/^/--no-install-package=/' \
-    | xargs uv sync --locked --no-dev --extra server --no-install-project
+RUN uv sync --locked --no-dev --extra server --no-install-project
 COPY yolo_ota ./yolo_ota
 COPY exporters ./exporters
 COPY registry ./registry
 COPY edge_agent ./edge_agent
-RUN grep -v -e '^#' -e '^$' /tmp/server-without-torch.txt | sed 's/^/--no-install-package=/' \
-    | xargs uv sync --locked --no-dev --extra server --no-editable
+RUN uv sync --locked --no-dev --extra server --no-editable
 
 FROM ${PYTHON_IMAGE}
 # An unprivileged user with a fixed id, so that Kubernetes' runAsUser and volume ownership can name it.

@@ -7,16 +7,15 @@ token, so a person (or a test) can reach the running stack.
 
 from __future__ import annotations
 
-import base64
+import contextlib
 import json
-import os
-import secrets
-import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from yolo_ota.demo.processes import Child, DemoError, free_port, spawn, wait_healthy
+from yolo_ota.demo.processes import DemoError
+from yolo_ota.processes import ChildError, RunningServer, free_port, wait_healthy
+from yolo_ota.servers import ServiceTokens, launch_agent, launch_mlflow, start_service
 
 LINES = ("line-a", "line-b")
 
@@ -52,18 +51,13 @@ def fleet_specs(count: int) -> list[DeviceSpec]:
     return [DeviceSpec(f"{LINES[i % 2]}-{i // 2 + 1}", LINES[i % 2]) for i in range(count)]
 
 
-def _command(tool: str) -> list[str]:
-    """A console script of this environment (``mlflow``, ``yolo-ota``), or its module when the script is absent."""
-    exe = Path(sys.executable).parent / tool
-    if exe.exists():
-        return [str(exe)]
-    return [sys.executable, "-m", {"mlflow": "mlflow", "yolo-ota": "yolo_ota.cli"}[tool]]
-
-
-def _clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("YOLO_OTA_")}
-    env.update(extra)
-    return env
+@contextlib.contextmanager
+def _as_demo_error() -> Iterator[None]:
+    """A child that does not come up healthy ends the demo with a ``DemoError``, which the command reports."""
+    try:
+        yield
+    except ChildError as exc:
+        raise DemoError(str(exc)) from exc
 
 
 @dataclass
@@ -73,12 +67,14 @@ class Stack:
     data_dir: Path
     model: str
     say: Callable[[str], None]
-    operator_token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
-    enrollment_token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
-    webhook_secret: str = field(default_factory=lambda: secrets.token_urlsafe(24))
-    mlflow: Child | None = None
-    service: Child | None = None
-    agents: dict[str, Child] = field(default_factory=dict)
+    tokens: ServiceTokens = field(default_factory=lambda: ServiceTokens(operator_name="demo"))
+    mlflow: RunningServer | None = None
+    service: RunningServer | None = None
+    agents: dict[str, RunningServer] = field(default_factory=dict)
+
+    @property
+    def operator_token(self) -> str:
+        return self.tokens.operator
 
     @property
     def mlflow_url(self) -> str:
@@ -89,79 +85,46 @@ class Stack:
         return self._need(self.service).url
 
     @staticmethod
-    def _need(child: Child | None) -> Child:
+    def _need(child: RunningServer | None) -> RunningServer:
         if child is None:
             raise DemoError("that part of the stack is not started")
         return child
 
     def launch_mlflow(self) -> None:
         """Start the MLflow server without waiting for it (``wait_mlflow``): the first export runs meanwhile."""
-        port = free_port()
-        folder = self.data_dir / "mlflow"
-        folder.mkdir(parents=True, exist_ok=True)
-        command = [
-            *_command("mlflow"), "server", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
-            "--serve-artifacts", "--artifacts-destination", str(folder / "artifacts"),
-            "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-        ]  # fmt: skip
-        env = _clean_env(
-            MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
-            # the rollout service's webhook is on loopback: allow it (DESIGN.md section 5)
-            MLFLOW_WEBHOOK_ALLOWED_SCHEMES="http,https",
-            MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS="true",
-            MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY=base64.urlsafe_b64encode(secrets.token_bytes(32)).decode(),
-        )
-        self.mlflow = spawn(
-            "MLflow server", command, url=f"http://127.0.0.1:{port}", env=env, log_path=folder / "server.log",
-            cwd=folder,
-        )  # fmt: skip
+        self.mlflow = launch_mlflow(self.data_dir / "mlflow")
 
     def wait_mlflow(self) -> None:
-        wait_healthy(self._need(self.mlflow), "/health", timeout_s=120)
+        with _as_demo_error():
+            wait_healthy(self._need(self.mlflow), timeout_s=120)
 
     def start_service(self, default_waves: list[dict[str, float]]) -> None:
         port = free_port()
-        folder = self.data_dir / "service"
-        url = f"http://127.0.0.1:{port}"
         settings = {
             **SERVICE_SETTINGS,
-            "DATA_DIR": str(folder),
             "MLFLOW_URI": self.mlflow_url,
-            "OPERATOR_TOKENS": f"demo={self.operator_token}",
-            "ENROLLMENT_TOKEN": self.enrollment_token,
-            "PUBLIC_URL": url,
-            "WEBHOOK_SECRET": self.webhook_secret,
+            "PUBLIC_URL": f"http://127.0.0.1:{port}",
             "WATCH_MODELS": self.model,
             "DEFAULT_WAVES": json.dumps(default_waves),
         }
-        env = _clean_env(MLFLOW_HTTP_REQUEST_MAX_RETRIES="1", **{f"YOLO_OTA_{k}": v for k, v in settings.items()})
-        command = [*_command("yolo-ota"), "server", "--host", "127.0.0.1", "--port", str(port)]
-        folder.mkdir(parents=True, exist_ok=True)
-        self.service = spawn("rollout service", command, url=url, env=env, log_path=folder / "service.log", cwd=folder)
-        wait_healthy(self.service, "/healthz", timeout_s=60)
+        with _as_demo_error():
+            self.service = start_service(self.data_dir / "service", self.tokens, settings, port=port)
 
     def launch_agents(self, devices: list[DeviceSpec], public_key: Path) -> None:
         """Start every agent without waiting (``wait_agents``): they import torch side by side."""
         for spec in devices:
-            port = free_port()
-            folder = self.data_dir / "devices" / spec.device_id
-            folder.mkdir(parents=True, exist_ok=True)
-            command = [
-                *_command("yolo-ota"), "agent", "--server", self.service_url, "--device-id", spec.device_id,
-                "--enrollment-token", self.enrollment_token, "--data-dir", str(folder),
-                "--listen", f"127.0.0.1:{port}", "--public-key", str(public_key), "--device", "cpu",
-                "--label", f"line={spec.line}",
-            ]  # fmt: skip
-            # One intra-op thread per agent: four agents on a two-core machine would otherwise fight over them.
-            env = _clean_env(OMP_NUM_THREADS="1", **{f"YOLO_OTA_AGENT_{k}": v for k, v in AGENT_SETTINGS.items()})
-            self.agents[spec.device_id] = spawn(
-                f"agent {spec.device_id}", command, url=f"http://127.0.0.1:{port}", env=env,
-                log_path=folder / "agent.log", cwd=folder,
+            self.agents[spec.device_id] = launch_agent(
+                self.data_dir / "devices" / spec.device_id, server_url=self.service_url, device_id=spec.device_id,
+                enrollment_token=self.tokens.enrollment, labels={"line": spec.line}, public_key=public_key,
+                settings=AGENT_SETTINGS, extra_args=("--device", "cpu"),
+                # One intra-op thread per agent: four agents on a two-core machine would otherwise fight over them.
+                env={"OMP_NUM_THREADS": "1"},
             )  # fmt: skip
 
     def wait_agents(self) -> None:
-        for child in self.agents.values():
-            wait_healthy(child, "/v1/status", timeout_s=180)
+        with _as_demo_error():
+            for agent in self.agents.values():
+                wait_healthy(agent, timeout_s=180)
 
     def write_info(self) -> Path:
         """``stack.json``: URLs, the operator token and the devices' local APIs (mode 0600: it holds a token)."""
@@ -179,7 +142,7 @@ class Stack:
         path.chmod(0o600)
         return path
 
-    def children(self) -> list[Child]:
+    def children(self) -> list[RunningServer]:
         return [c for c in (self.mlflow, self.service, *self.agents.values()) if c is not None]
 
     def check_running(self) -> None:
