@@ -460,40 +460,59 @@ def test_dockerfile_pins_its_base_and_runs_unprivileged(name: str) -> None:
             assert sent, f"{name}: COPY {source}: .dockerignore keeps it out of the build context"
 
 
-def _torch_only_packages() -> set[str]:
-    """Packages of the `server` extra that only torch needs, per uv.lock (environment markers ignored)."""
+def _locked_packages(extras: tuple[str, ...]) -> set[str]:
+    """Every package ``yolo-ota[extras]`` installs per uv.lock, on any platform (environment markers ignored)."""
     lock = tomllib.loads((ROOT / "uv.lock").read_text())
     packages: dict[str, list[dict[str, Any]]] = {}
     for package in lock["package"]:
         packages.setdefault(package["name"], []).append(package)
-
-    def reachable(skip: str | None) -> set[str]:
-        seen: set[tuple[str, tuple[str, ...]]] = set()
-        todo = [("yolo-ota", ("server",))]
-        while todo:
-            name, extras = todo.pop()
-            if (name, extras) in seen or name == skip:
-                continue
-            seen.add((name, extras))
-            for package in packages[name]:
-                edges = list(package.get("dependencies", []))
-                for extra in extras:
-                    edges += package.get("optional-dependencies", {}).get(extra, [])
-                todo += [(edge["name"], tuple(edge.get("extra", ()))) for edge in edges]
-        return {name for name, _ in seen}
-
-    return reachable(None) - reachable("torch")
+    seen: set[tuple[str, tuple[str, ...]]] = set()
+    todo = [("yolo-ota", extras)]
+    while todo:
+        name, wanted = todo.pop()
+        if (name, wanted) in seen:
+            continue
+        seen.add((name, wanted))
+        for package in packages[name]:
+            edges = list(package.get("dependencies", []))
+            for extra in wanted:
+                edges += package.get("optional-dependencies", {}).get(extra, [])
+            todo += [(edge["name"], tuple(edge.get("extra", ()))) for edge in edges]
+    return {name for name, _ in seen}
 
 
-def test_server_image_leaves_out_exactly_what_only_torch_needs() -> None:
-    listed = {
-        line.strip()
-        for line in (INFRA / "docker" / "server-without-torch.txt").read_text().splitlines()
-        if line.strip() and not line.startswith("#")
-    }
-    expected = _torch_only_packages()
-    assert "torch" in expected and "mlflow" not in expected
-    assert listed == expected, f"missing {sorted(expected - listed)}, not torch-only {sorted(listed - expected)}"
+def _torch_stack(packages: set[str]) -> set[str]:
+    return {name for name in packages if name in ("torch", "triton") or name.startswith(("nvidia-", "cuda-"))}
+
+
+def test_server_extra_installs_no_torch() -> None:
+    """What the server image installs (`uv sync --locked --extra server`) holds no torch and no CUDA library."""
+    server = _locked_packages(("server",))
+    assert {"fastapi", "uvicorn", "mlflow", "sqlalchemy"} <= server
+    assert not _torch_stack(server), f"the server extra pulls in {sorted(_torch_stack(server))}"
+    for extra in ("gate", "export", "agent"):  # the extras that run a model do bring torch
+        assert "torch" in _locked_packages((extra,)), extra
+
+
+def test_each_optional_library_comes_with_the_extra_named_for_it() -> None:
+    from yolo_ota.extras import MODULE_EXTRAS, missing_extra_message
+
+    core = _locked_packages(())
+    for module, (distribution, extra) in MODULE_EXTRAS.items():
+        assert distribution in _locked_packages((extra,)), f"yolo-ota[{extra}] does not install {distribution}"
+        assert distribution not in core, f"{distribution} is a core dependency: no extra is needed for {module}"
+    message = missing_extra_message(ModuleNotFoundError("No module named 'torch'", name="torch"))
+    assert message is not None and "yolo-ota[gate]" in message
+    assert missing_extra_message(ModuleNotFoundError("No module named 'elsewhere'", name="elsewhere")) is None
+
+
+def test_server_image_installs_the_server_extra_only() -> None:
+    syncs = [value for value in _instructions("server", "RUN") if "uv sync" in value]
+    assert syncs, "the server image installs nothing with uv sync"
+    for value in syncs:
+        words = shlex.split(value)
+        extras = [words[i + 1] for i, word in enumerate(words) if word == "--extra"]
+        assert extras == ["server"] and "--locked" in words and "--all-extras" not in words, value
 
 
 def test_rollout_service_starts_without_torch(service_get_routes: set[str]) -> None:
