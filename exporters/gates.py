@@ -248,6 +248,15 @@ def memory_sweep(
     return MemoryGate(points=points, stopped_because=stopped, passed=bool(points))
 
 
+def _latency_gate(
+    model: Callable[[torch.Tensor], object], example: torch.Tensor, thresholds: GateThresholds, budget_ms: float | None
+) -> LatencyGate:
+    """Latency of ``example`` through ``model``, judged against ``budget_ms`` when there is one."""
+    stats = [measure_latency(model, example, warmup_iters=thresholds.warmup_iters, timed_iters=thresholds.timed_iters)]
+    passed = budget_ms is None or stats[0].p99_ms <= budget_ms
+    return LatencyGate(budget_ms=budget_ms, stats=stats, passed=passed)
+
+
 def run_gates(
     model: Callable[[torch.Tensor], object],
     golden: Golden,
@@ -282,9 +291,7 @@ def run_gates(
     det = detection_parity(outputs, golden.detections, thresholds)
     say(f"{variant}: latency ({thresholds.warmup_iters} warm-up + {thresholds.timed_iters} timed runs)")
     example = torch.from_numpy(np.repeat(golden.inputs[:1], batch, axis=0)).to(device=device, dtype=dtype)
-    stats = [measure_latency(model, example, warmup_iters=thresholds.warmup_iters, timed_iters=thresholds.timed_iters)]
-    latency_ok = latency_budget_ms is None or stats[0].p99_ms <= latency_budget_ms
-    latency = LatencyGate(budget_ms=latency_budget_ms, stats=stats, passed=latency_ok)
+    latency = _latency_gate(model, example, thresholds, latency_budget_ms)
     memory = None
     if device_kind == "cuda" and sweep_memory:
         say(f"{variant}: memory sweep")

@@ -18,43 +18,76 @@ def _mib(n_bytes: int) -> str:
     return f"{n_bytes / 2**20:.1f}"
 
 
+_PARITY_COLUMNS = ("variant", "raw vs", "raw MSE", "max abs", "cosine", "boxes ref/new", "matched ref/new", "result")
+_LATENCY_COLUMNS = ("variant", "timer", "threads", "batch", "p50 ms", "p90 ms", "p99 ms", "mean ms", "FPS", "budget ms")
+_LEFT = ("variant", "result", "timer")
+
+
+def _parity_row(g: VariantGates, verdict: str) -> list[str]:
+    raw, det = g.raw_parity, g.detection_parity
+    failures = g.failures()
+    return [
+        g.variant,
+        f"eager {raw.reference}",
+        f"{raw.mse:.2e}" + ("" if raw.judged else " (info)"),
+        f"{raw.max_abs:.2e}",
+        f"{raw.cosine:.6f}",
+        f"{det.reference_detections}/{det.candidate_detections}",
+        f"{det.matched_fraction_reference:.3f}/{det.matched_fraction_candidate:.3f}",
+        verdict + ("" if g.passed else f" ({', '.join(failures)})"),
+    ]
+
+
+def _latency_rows(g: VariantGates) -> list[list[str]]:
+    budget = f"{g.latency.budget_ms:g}" if g.latency.budget_ms is not None else "-"
+    return [
+        [
+            g.variant,
+            stats.timer,
+            str(stats.cpu_threads),
+            str(stats.batch),
+            f"{stats.p50_ms:.2f}",
+            f"{stats.p90_ms:.2f}",
+            f"{stats.p99_ms:.2f}",
+            f"{stats.mean_ms:.2f}",
+            f"{stats.fps:.1f}",
+            budget,
+        ]
+        for stats in g.latency.stats
+    ]
+
+
 def gate_tables(results: Iterable[VariantGates], title: str = "Gates") -> list[Table]:
     """Two tables, one row per variant: parity with the verdict, then latency."""
-    results = list(results)
     parity = Table(title=f"{title}: parity", title_justify="left")
-    for column in ("variant", "raw vs", "raw MSE", "max abs", "cosine", "boxes ref/new", "matched ref/new", "result"):
-        parity.add_column(column, justify="left" if column in ("variant", "result") else "right")
     latency = Table(title=f"{title}: latency", title_justify="left")
-    for column in ("variant", "timer", "threads", "batch", "p50 ms", "p90 ms", "p99 ms", "mean ms", "FPS", "budget ms"):
-        latency.add_column(column, justify="left" if column in ("variant", "timer") else "right")
+    for table, columns in ((parity, _PARITY_COLUMNS), (latency, _LATENCY_COLUMNS)):
+        for column in columns:
+            table.add_column(column, justify="left" if column in _LEFT else "right")
     for g in results:
-        raw, det = g.raw_parity, g.detection_parity
-        failures = g.failures()
-        verdict = _verdict(g.passed) + ("" if g.passed else f" ({', '.join(failures)})")
-        parity.add_row(
-            g.variant,
-            f"eager {raw.reference}",
-            f"{raw.mse:.2e}" + ("" if raw.judged else " (info)"),
-            f"{raw.max_abs:.2e}",
-            f"{raw.cosine:.6f}",
-            f"{det.reference_detections}/{det.candidate_detections}",
-            f"{det.matched_fraction_reference:.3f}/{det.matched_fraction_candidate:.3f}",
-            verdict,
-        )
-        for stats in g.latency.stats:
-            latency.add_row(
-                g.variant,
-                stats.timer,
-                str(stats.cpu_threads),
-                str(stats.batch),
-                f"{stats.p50_ms:.2f}",
-                f"{stats.p90_ms:.2f}",
-                f"{stats.p99_ms:.2f}",
-                f"{stats.mean_ms:.2f}",
-                f"{stats.fps:.1f}",
-                f"{g.latency.budget_ms:g}" if g.latency.budget_ms is not None else "-",
-            )
+        parity.add_row(*_parity_row(g, _verdict(g.passed)))
+        for row in _latency_rows(g):
+            latency.add_row(*row)
     return [parity, latency]
+
+
+def _markdown_table(columns: tuple[str, ...], rows: list[list[str]]) -> str:
+    def line(cells: Iterable[str]) -> str:
+        return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
+
+    rule = "| " + " | ".join(":---" if c in _LEFT else "---:" for c in columns) + " |"
+    return "\n".join([line(columns), rule, *(line(row) for row in rows)])
+
+
+def gate_markdown(results: Iterable[VariantGates], title: str = "Gates") -> str:
+    """The two gate tables of ``gate_tables`` as Markdown (what MLflow shows in a version's description)."""
+    results = list(results)
+    parity = [_parity_row(g, "pass" if g.passed else "**FAIL**") for g in results]
+    latency = [row for g in results for row in _latency_rows(g)]
+    return (
+        f"#### {title}: parity\n\n{_markdown_table(_PARITY_COLUMNS, parity)}\n\n"
+        f"#### {title}: latency\n\n{_markdown_table(_LATENCY_COLUMNS, latency)}\n"
+    )
 
 
 def memory_table(results: Iterable[VariantGates]) -> Table | None:

@@ -2,7 +2,9 @@
 
 It registers bundles as model versions (DESIGN.md section 5), lists them, and moves aliases, and it turns
 MLflow's exceptions into the registry's own (``registry.errors``). Every call goes to an explicit tracking URI,
-never MLflow's implicit local store, with a bounded number of HTTP retries.
+never MLflow's implicit local store, with a bounded number of HTTP retries. MLflow's own connection variables
+(``MLFLOW_TRACKING_USERNAME``, ``MLFLOW_TRACKING_PASSWORD``, ``MLFLOW_TRACKING_TOKEN``,
+``MLFLOW_TRACKING_INSECURE_TLS``, ...) are left as they are, for MLflow's client to read.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import dataclasses
 import logging
 import os
 import sys
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ from typing import Any
 
 from exporters.bundle import MANIFEST_NAME, SIGNATURE_NAME, Manifest, load_verified
 from exporters.errors import flatten
-from exporters.report import gate_tables
+from exporters.report import gate_markdown
 from registry import tags as ota
 from registry.errors import (
     DuplicateBundleError,
@@ -37,6 +38,7 @@ BUNDLE_ARTIFACT_PATH = "bundle"
 DEFAULT_ALIAS = "production"
 DEFAULT_EXPERIMENT = "yolo-ota"
 _NOT_FOUND_CODES = {"RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"}
+_DESCRIPTION_MAX = 5000  # characters kept of a version description
 
 
 @dataclass(frozen=True)
@@ -114,7 +116,10 @@ class MlflowGateway:
 
     def __init__(self, tracking_uri: str, *, max_retries: int = 2, timeout_s: float = 30) -> None:
         if not tracking_uri:
-            raise RegistryRequestError("no MLflow tracking URI given (--tracking-uri or YOLO_OTA_MLFLOW_URI)")
+            raise RegistryRequestError(
+                "no MLflow tracking URI given (--mlflow-uri, YOLO_OTA_MLFLOW_URI, [registry] mlflow_uri in the config "
+                "file, or MLFLOW_TRACKING_URI)"
+            )
         _retry_settings(max_retries, timeout_s)
         from mlflow import MlflowClient
 
@@ -306,14 +311,8 @@ def _quote(value: str) -> str:
 
 
 def _description(manifest: Manifest) -> str:
-    """The gate tables as Markdown-ish text for the version's description (shown in the MLflow UI)."""
-    from rich.console import Console
-
-    with tempfile.TemporaryFile("w+") as handle:
-        console = Console(file=handle, width=140, no_color=True, highlight=False)
-        for table in gate_tables(manifest.gates.values(), title=f"Gates of {manifest.name}"):
-            console.print(table)
-        handle.seek(0)
-        text = handle.read()
-    verdict = "pass" if manifest.gates_passed else "FAIL"
-    return f"yolo-ota bundle {manifest.name}, gates: {verdict}\n\n```\n{text}```\n"[:5000]
+    """The gate tables as Markdown for the version's description (MLflow renders it as Markdown)."""
+    verdict = "pass" if manifest.gates_passed else "**FAIL**"
+    tables = gate_markdown(manifest.gates.values(), title=f"Gates of {manifest.name}")
+    text = f"yolo-ota bundle `{manifest.name}`, gates: {verdict}\n\n{tables}"
+    return text if len(text) <= _DESCRIPTION_MAX else text[: _DESCRIPTION_MAX - 4].rsplit("\n", 1)[0] + "\n..."

@@ -7,6 +7,10 @@ caller-supplied ``presign`` callable (``registry.s3.s3_presigner``).
 
 The manifest is trusted only when its sha256 equals the version's ``ota.manifest_sha256`` tag; every other file is
 then named with the digest and size the manifest gives it, for the downloader to check.
+
+Like MLflow's own client, it reads MLflow's connection variables: ``MLFLOW_TRACKING_TOKEN`` (bearer) or
+``MLFLOW_TRACKING_USERNAME``/``MLFLOW_TRACKING_PASSWORD`` (basic), ``MLFLOW_TRACKING_INSECURE_TLS`` and
+``MLFLOW_TRACKING_SERVER_CERT_PATH``.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -47,6 +52,22 @@ _MAX_ANSWER_BYTES = 32 << 20  # REST answers here are single objects of a few kB
 _BACKOFF_S = 0.25
 _MAX_BACKOFF_S = 2.0
 _MAX_SOURCE_HOPS = 4  # runs:/ and models:/ indirections followed before giving up on a loop
+
+
+def mlflow_http_options() -> dict[str, Any]:
+    """``httpx.Client`` arguments from MLflow's own credential and TLS variables, as MLflow's client reads them."""
+    options: dict[str, Any] = {}
+    token = os.environ.get("MLFLOW_TRACKING_TOKEN")
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    if token:
+        options["headers"] = {"Authorization": f"Bearer {token}"}
+    elif user and password:
+        options["auth"] = httpx.BasicAuth(user, password)
+    if os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() == "true":
+        options["verify"] = False
+    elif os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH"):
+        options["verify"] = os.environ["MLFLOW_TRACKING_SERVER_CERT_PATH"]
+    return options
 
 
 @dataclass(frozen=True)
@@ -99,7 +120,7 @@ class BundleResolver:
         self.max_retries = max_retries
         self._presign = presign
         self._owns_client = client is None
-        self._client = client if client is not None else httpx.Client(timeout=timeout_s)
+        self._client = client if client is not None else httpx.Client(timeout=timeout_s, **mlflow_http_options())
 
     # -- public ----------------------------------------------------------------------------------------------
 

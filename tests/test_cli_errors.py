@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -91,7 +94,7 @@ def test_gate_on_cuda_without_cuda(cli, trained_bundle: Path) -> None:
 
 
 def test_every_command_has_help(cli) -> None:
-    for command in ([], ["export"], ["gate"], ["inspect"]):
+    for command in ([], ["export"], ["gate"], ["inspect"], ["config", "show"]):
         done = cli(*command, "--help")
         assert done.returncode == 0, done.stderr
         assert "Usage" in done.stdout
@@ -102,3 +105,47 @@ def test_inspect_prints_the_manifest(cli, trained_bundle: Path) -> None:
     assert done.returncode == 0, done.stderr
     for text in ("pcb-parts", "0:chip", "1:capacitor", "golden.npz", "cpu-fp32", "all files verified"):
         assert text in done.stdout
+
+
+def _every_command(group, path: tuple[str, ...] = ()):
+    yield path
+    if hasattr(group, "commands"):  # a group (of Typer's own copy of click)
+        for name, command in group.commands.items():
+            yield from _every_command(command, (*path, name))
+
+
+def test_no_help_line_ends_in_a_stray_period() -> None:
+    """A default meant for the help text must not vanish, leaving "... ." (rich markup eats [brackets])."""
+    import re
+
+    import typer
+    from typer.testing import CliRunner
+
+    from yolo_ota.cli import app
+
+    runner = CliRunner()
+    commands = list(_every_command(typer.main.get_command(app)))
+    assert ("config", "show") in commands and ("rollout", "create") in commands
+    broken = re.compile(r"(\s\.|\(\s*\)|\[\s*\]|\[default:\s*\])$")
+    for command in commands:
+        done = runner.invoke(app, [*command, "--help"], env={"COLUMNS": "200"}, terminal_width=200)
+        assert done.exit_code == 0, (command, done.output)
+        for line in done.output.splitlines():
+            text = line.strip(" │╭╮╰╯─")
+            assert not broken.search(text), f"yolo-ota {' '.join(command)} --help: {line.strip()!r}"
+
+
+def test_a_command_without_its_extra_names_the_extra(trained_bundle: Path, tmp_path: Path) -> None:
+    # A device that installed the core only: ``torch`` cannot be imported (a stand-in module refuses to load).
+    blocked = tmp_path / "without-torch"
+    blocked.mkdir()
+    (blocked / "torch.py").write_text("raise ModuleNotFoundError(\"No module named 'torch'\", name='torch')\n")
+    exe = Path(sys.executable).parent / "yolo-ota"
+    done = subprocess.run(
+        [str(exe), "gate", str(trained_bundle)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(blocked), "COLUMNS": "160"},
+    )
+    _one_line_error(done, "needs torch", "yolo-ota[gate]")

@@ -69,6 +69,8 @@ def test_register_creates_a_tagged_version_from_the_bundle_artifacts(
     assert tags["ota.fp.torch"] == torch.__version__
     assert tags["ota.fp.python"] == manifest["fingerprint"]["python"]
     assert "Gates of pcb-parts" in mv.description and "cpu-fp32" in mv.description
+    # MLflow renders a version's description as Markdown: tables in Markdown, not box-drawn text.
+    assert "| variant | raw vs |" in mv.description and "┃" not in mv.description and "```" not in mv.description
 
     # The source is the run's bundle/ artifact folder behind MLflow's artifact proxy, holding every file.
     assert mv.source.startswith("mlflow-artifacts:/") and mv.source.endswith(f"/{mv.run_id}/artifacts/bundle")
@@ -157,9 +159,27 @@ def test_unreachable_mlflow_is_one_error_line(trained_bundle: Path, cli, tmp_pat
     assert raised.value.retryable
 
 
-def test_a_tracking_uri_is_required(trained_bundle: Path, cli) -> None:
+def test_a_tracking_uri_is_required(trained_bundle: Path, cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("YOLO_OTA_MLFLOW_URI", raising=False)
     line = _one_line_error(cli("versions", "x"))
-    assert "no MLflow tracking URI" in line
+    assert "no MLflow tracking URI" in line and "MLFLOW_TRACKING_URI" in line
+
+
+def test_gate_tables_in_markdown(trained_bundle: Path, failed_bundle: Path) -> None:
+    from exporters.bundle import load_verified
+    from exporters.report import gate_markdown
+
+    text = gate_markdown(load_verified(trained_bundle).gates.values(), title="Gates of pcb-parts")
+    lines = text.splitlines()
+    parity = lines.index("#### Gates of pcb-parts: parity")
+    header, rule, row = lines[parity + 2 : parity + 5]
+    assert header.startswith("| variant | raw vs | raw MSE |") and header.endswith("| result |")
+    assert rule.startswith("| :--- | ---: |") and header.count("|") == rule.count("|") == row.count("|")
+    assert row.startswith("| cpu-fp32 | eager ") and row.endswith("| pass |")
+    assert "#### Gates of pcb-parts: latency" in lines and "[green]" not in text
+    failed = gate_markdown(load_verified(failed_bundle).gates.values())
+    assert "**FAIL** (" in failed and "latency" in failed
 
 
 def test_unknown_model_and_version(mlflow_server: RunningServer, cli) -> None:

@@ -9,23 +9,23 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from datetime import datetime
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
-from rich.text import Text
 
 # The service's own enums; schemas is pydantic only (no torch, no server packages).
 from registry.rollout_service.schemas import RolloutState, Strategy
+from yolo_ota.commands.common import ConfigPath, console, fail, load
+from yolo_ota.rollout_tables import add_row, print_detail, wave_position, when
+from yolo_ota.settings import DEFAULT_ROLLOUT_SERVER, RolloutSettings
 
 if TYPE_CHECKING:
     import httpx
-    from rich.console import Console
 
 rollout_app = typer.Typer(help="Start and steer rollouts through the rollout service.", no_args_is_help=True)
 
-DEFAULT_SERVER = "http://127.0.0.1:8700"
+DEFAULT_SERVER = DEFAULT_ROLLOUT_SERVER
 REQUEST_TIMEOUT_S = 30.0
 _WAVE_SYNTAX = "PERCENT:BAKE_S[:MAX_FAILURE_RATE[:MIN_SUCCESS_RATE]]"
 
@@ -76,11 +76,18 @@ def parse_pair(text: str) -> PairArg:
     return PairArg(key.strip(), value.strip())
 
 
-Server = Annotated[str, typer.Option("--server", envvar="YOLO_OTA_SERVER", help="Rollout service URL.")]
+Server = Annotated[
+    str | None,
+    typer.Option(
+        "--server",
+        help=f"Rollout service URL (YOLO_OTA_SERVER, [rollout] server; default {DEFAULT_SERVER}).",
+        show_default=False,
+    ),
+]
 Token = Annotated[
     str | None,
     typer.Option(
-        "--token", envvar="YOLO_OTA_TOKEN", help="Operator token (sent as a bearer token).", show_default=False
+        "--token", help="Operator token, sent as a bearer token (YOLO_OTA_TOKEN, [rollout] token).", show_default=False
     ),
 ]
 AsJson = Annotated[bool, typer.Option("--json", help="Print the service's JSON answer instead of tables.")]
@@ -88,22 +95,8 @@ Reason = Annotated[str, typer.Option(help="Why; kept in the service's audit log.
 RolloutId = Annotated[int, typer.Argument(help="Rollout id (see `yolo-ota rollout list`).", min=1)]
 
 
-# yolo_ota.cli imports this module while it is being built, so its console and `_fail` are looked up at call time.
-def _console() -> Console:
-    from yolo_ota.cli import console
-
-    return console
-
-
-def _fail(message: str) -> typer.Exit:
-    from yolo_ota.cli import _fail as fail
-
-    return fail(message)
-
-
 def _call(
-    server: str,
-    token: str | None,
+    target: RolloutSettings,
     method: str,
     path: str,
     *,
@@ -113,26 +106,32 @@ def _call(
     """One request to the service; its decoded JSON answer, or an ``error:`` line and exit status 2."""
     import httpx
 
+    server, token = target.server, target.token
     base = server.rstrip("/")
     if not base.startswith(("http://", "https://")):
-        raise _fail(f"--server must be an http:// or https:// URL, got {server!r}")
+        raise fail(f"--server must be an http:// or https:// URL, got {server!r}")
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
         response = httpx.request(
             method, base + path, json=body, params=params, headers=headers, timeout=REQUEST_TIMEOUT_S
         )
     except httpx.InvalidURL as exc:
-        raise _fail(f"--server {server!r} is not a usable URL ({exc})") from None
+        raise fail(f"--server {server!r} is not a usable URL ({exc})") from None
     except httpx.TimeoutException:
-        raise _fail(f"rollout service at {base} is unreachable (no answer within {REQUEST_TIMEOUT_S:g} s)") from None
+        raise fail(f"rollout service at {base} is unreachable (no answer within {REQUEST_TIMEOUT_S:g} s)") from None
     except httpx.TransportError as exc:
-        raise _fail(f"rollout service at {base} is unreachable ({str(exc) or type(exc).__name__})") from None
+        raise fail(f"rollout service at {base} is unreachable ({str(exc) or type(exc).__name__})") from None
     if response.is_error:
-        raise _fail(f"HTTP {response.status_code}: {_error_detail(response)}")
+        raise fail(f"HTTP {response.status_code}: {_error_detail(response)}")
     try:
         return response.json()
     except ValueError:
-        raise _fail(f"the answer of {base}{path} is not JSON; is {base} the rollout service?") from None
+        raise fail(f"the answer of {base}{path} is not JSON; is {base} the rollout service?") from None
+
+
+def _target(server: str | None, token: str | None, config: Any) -> RolloutSettings:
+    """The service to call and the token to call it with: flags, YOLO_OTA_SERVER/YOLO_OTA_TOKEN, [rollout]."""
+    return load(RolloutSettings, config, server=server, token=token)
 
 
 def _error_detail(response: httpx.Response) -> str:
@@ -170,7 +169,8 @@ def create(
             "--wave",
             parser=parse_wave,
             metavar="WAVE",
-            help=f"A canary wave, {_WAVE_SYNTAX} (repeatable; percents cumulative, up to 100) [service's waves].",
+            help=f"A canary wave, {_WAVE_SYNTAX} (repeatable; percents cumulative, up to 100; "
+            "default: the service's waves).",
         ),
     ] = None,
     labels: Annotated[
@@ -183,20 +183,21 @@ def create(
     ] = None,
     control_version: Annotated[str | None, typer.Option(help="A/B test: the version the control arm runs.")] = None,
     split: Annotated[
-        float | None, typer.Option(help="A/B test: share of devices on VERSION [0.5].", show_default=False)
+        float | None, typer.Option(help="A/B test: share of devices on VERSION (default 0.5).", show_default=False)
     ] = None,
     previous_version: Annotated[
         str | None, typer.Option(help="What rollback returns to (default: what the last rollout left).")
     ] = None,
     supersede: Annotated[bool, typer.Option(help="Abort an active rollout of MODEL for the same devices.")] = False,
     reason: Reason = "",
-    server: Server = DEFAULT_SERVER,
+    server: Server = None,
     token: Token = None,
+    config: ConfigPath = None,
     as_json: AsJson = False,
 ) -> None:
     """Start rolling VERSION of MODEL out to the devices that match the selector (all of them by default)."""
     if split is not None and control_version is None:
-        raise _fail("--split is for an A/B test: give --control-version too")
+        raise fail("--split is for an A/B test: give --control-version too")
     body: dict[str, Any] = {
         "model": model,
         "version": version,
@@ -211,11 +212,11 @@ def create(
         body["ab"] = {"control_version": control_version, "split": 0.5 if split is None else split}
     if previous_version is not None:
         body["previous_version"] = previous_version
-    detail = _call(server, token, "POST", "/v1/rollouts", body=body)
+    detail = _call(_target(server, token, config), "POST", "/v1/rollouts", body=body)
     if as_json:
-        _console().print_json(data=detail)
+        console.print_json(data=detail)
         return
-    _print_detail(detail)
+    print_detail(console, detail)
 
 
 @rollout_app.command("list")
@@ -223,8 +224,9 @@ def list_rollouts(
     model: Annotated[str | None, typer.Option(help="Only rollouts of this registered model.")] = None,
     state: Annotated[RolloutState | None, typer.Option(help="Only rollouts in this state.")] = None,
     limit: Annotated[int, typer.Option(help="At most this many, newest first.", min=1, max=1000)] = 100,
-    server: Server = DEFAULT_SERVER,
+    server: Server = None,
     token: Token = None,
+    config: ConfigPath = None,
     as_json: AsJson = False,
 ) -> None:
     """List rollouts, newest first."""
@@ -233,8 +235,7 @@ def list_rollouts(
         params["model"] = model
     if state is not None:
         params["state"] = state.value
-    answer = _call(server, token, "GET", "/v1/rollouts", params=params)
-    console = _console()
+    answer = _call(_target(server, token, config), "GET", "/v1/rollouts", params=params)
     if as_json:
         console.print_json(data=answer)
         return
@@ -247,18 +248,24 @@ def list_rollouts(
         table.add_column(column, justify="right" if column == "id" else "left")
     for r in rollouts:
         fields = [r[key] for key in ("id", "model", "version", "previous_version", "strategy", "state")]
-        _add_row(table, *fields, _wave_position(r), r["created_by"], _when(r["created_at"]))
+        add_row(table, *fields, wave_position(r), r["created_by"], when(r["created_at"]))
     console.print(table)
 
 
 @rollout_app.command()
-def show(rollout_id: RolloutId, server: Server = DEFAULT_SERVER, token: Token = None, as_json: AsJson = False) -> None:
+def show(
+    rollout_id: RolloutId,
+    server: Server = None,
+    token: Token = None,
+    config: ConfigPath = None,
+    as_json: AsJson = False,
+) -> None:
     """Show one rollout: its waves, its arms' telemetry, and which devices it targets or skips."""
-    detail = _call(server, token, "GET", f"/v1/rollouts/{rollout_id}")
+    detail = _call(_target(server, token, config), "GET", f"/v1/rollouts/{rollout_id}")
     if as_json:
-        _console().print_json(data=detail)
+        console.print_json(data=detail)
         return
-    _print_detail(detail)
+    print_detail(console, detail)
 
 
 _ACTIONS = {
@@ -273,19 +280,22 @@ def _action_command(action: str) -> None:
     def command(
         rollout_id: RolloutId,
         reason: Reason = "",
-        server: Server = DEFAULT_SERVER,
+        server: Server = None,
         token: Token = None,
+        config: ConfigPath = None,
         as_json: AsJson = False,
     ) -> None:
-        detail = _call(server, token, "POST", f"/v1/rollouts/{rollout_id}/{action}", body={"reason": reason})
+        detail = _call(
+            _target(server, token, config), "POST", f"/v1/rollouts/{rollout_id}/{action}", body={"reason": reason}
+        )
         if as_json:
-            _console().print_json(data=detail)
+            console.print_json(data=detail)
             return
         line = f"rollout {detail['id']} ({detail['model']} version {detail['version']}) is now {detail['state']}"
         back_to = (detail.get("ab") or {}).get("control_version") or detail.get("previous_version")
         if detail["state"] == RolloutState.rolled_back and back_to:
             line += f"; its devices return to version {back_to}"
-        _console().print(line, markup=False, soft_wrap=True)
+        console.print(line, markup=False, soft_wrap=True)
 
     command.__doc__ = _ACTIONS[action]
     command.__name__ = f"{action}_rollout"
@@ -294,90 +304,3 @@ def _action_command(action: str) -> None:
 
 for _action in _ACTIONS:
     _action_command(_action)
-
-
-# -- rendering -------------------------------------------------------------------------------------------------
-
-
-def _print_detail(detail: dict[str, Any]) -> None:
-    console = _console()
-    console.print(_summary(detail), markup=False, soft_wrap=True)
-    console.print(_wave_table(detail))
-    console.print(_arm_table(detail))
-    skipped = detail["skipped_incompatible"]
-    console.print(f"targeted {detail['targeted']} device(s); skipped {skipped} as incompatible", markup=False)
-    for reason, count in sorted(detail["incompatible_reasons"].items(), key=lambda item: -item[1]):
-        console.print(f"  {count} skipped: {reason}", markup=False, soft_wrap=True)
-
-
-def _summary(detail: dict[str, Any]) -> str:
-    selector = detail["selector"]
-    chosen = [f"{k}={v}" for k, v in selector.get("labels", {}).items()]
-    chosen += [f"fp.{k}={v}" for k, v in selector.get("fingerprint", {}).items()]
-    ab = detail.get("ab")
-    arms = f", control version {ab['control_version']} on {1 - ab['split']:.0%}" if ab else ""
-    line = (
-        f"rollout {detail['id']}: {detail['model']} version {detail['version']} ({detail['strategy']}{arms}), "
-        f"{detail['state']}, wave {_wave_position(detail)}; previous version {detail['previous_version'] or '-'}; "
-        f"devices: {', '.join(chosen) or 'all'}; created by {detail['created_by']} at {_when(detail['created_at'])}"
-    )
-    return line + (f"; reason: {detail['reason']}" if detail["reason"] else "")
-
-
-def _wave_table(detail: dict[str, Any]) -> Table:
-    table = Table(title="Waves", title_justify="left")
-    for column in ("wave", "percent", "bake", "state", "devices", "succeeded", "failed", "pending", "thresholds"):
-        table.add_column(column, justify="left" if column in ("state", "thresholds") else "right")
-    for w in detail["wave_progress"]:
-        thresholds = f"halt above {w['max_failure_rate']:.0%} failed, advance at {w['min_success_rate']:.0%} ok"
-        counts = [w[key] for key in ("devices", "succeeded", "failed", "pending")]
-        _add_row(table, w["index"] + 1, f"{w['percent']:g}%", _duration(w["bake_s"]), w["state"], *counts, thresholds)
-    return table
-
-
-def _arm_table(detail: dict[str, Any]) -> Table:
-    table = Table(title="Arms (latency in ms)", title_justify="left")
-    columns = ("arm", "version", "devices", "succeeded", "failed", "inferences", "errors", "error rate")
-    for column in (*columns, "p50", "p99", "det/img", "conf"):
-        table.add_column(column, justify="left" if column == "arm" else "right")
-    for a in detail["arms"]:
-        error_rate = a["error_rate"]
-        cells = [a[key] for key in ("arm", "version", "devices", "succeeded", "failed", "inferences", "errors")]
-        _add_row(
-            table,
-            *cells,
-            None if error_rate is None else f"{error_rate:.2%}",
-            _number(a["latency_p50_ms"], ".1f"),
-            _number(a["latency_p99_ms"], ".1f"),
-            _number(a["detections_per_image"], ".2f"),
-            _number(a["mean_confidence"], ".3f"),
-        )
-    return table
-
-
-def _add_row(table: Table, *cells: object) -> None:
-    # As plain text: model names, labels and reasons may hold rich markup brackets.
-    table.add_row(*(Text("-" if cell is None else str(cell)) for cell in cells))
-
-
-def _wave_position(rollout: dict[str, Any]) -> str:
-    return f"{rollout['current_wave'] + 1}/{len(rollout['waves'])}"
-
-
-def _number(value: float | None, spec: str) -> str | None:
-    return None if value is None else format(value, spec)
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 60 or seconds % 60:
-        return f"{seconds:g}s"
-    minutes = int(seconds // 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m" if hours and minutes else f"{hours}h" if hours else f"{minutes}m"
-
-
-def _when(value: str) -> str:
-    try:
-        return datetime.fromisoformat(value).strftime("%Y-%m-%d %H:%M:%S")
-    except ValueError:
-        return value

@@ -1,0 +1,1 @@
+"""The sub-commands of ``yolo-ota``, one module per family; ``yolo_ota.cli`` puts them together."""
