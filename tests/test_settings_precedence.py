@@ -19,7 +19,8 @@ from edge_agent.settings import AgentSettings
 from edge_agent.settings import load_settings as load_agent_settings
 from registry.rollout_service.settings import ServiceSettings
 from registry.rollout_service.settings import load_settings as load_service_settings
-from yolo_ota.config import ConfigError, LayeredSettings, build, read_config
+from yolo_ota.config import LayeredSettings, build, read_config
+from yolo_ota.errors import ConfigError
 from yolo_ota.settings import ExportSettings, GateSettings, KeysSettings, RegistrySettings, RolloutSettings
 
 

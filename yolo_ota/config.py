@@ -29,6 +29,8 @@ from typing import Any, ClassVar, TypeVar
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource
 
+from yolo_ota.errors import ConfigError
+
 CONFIG_FILE_ENV = "YOLO_OTA_CONFIG"
 LOCAL_FILE = "yolo-ota.toml"
 USER_FILE = "config.toml"
@@ -36,12 +38,6 @@ MLFLOW_URI_FALLBACK_ENV = "MLFLOW_TRACKING_URI"
 FAMILIES = ("export", "gate", "keys", "registry", "rollout", "server", "agent")
 
 Settings = TypeVar("Settings", bound="LayeredSettings")
-
-
-class ConfigError(Exception):
-    """The config file named is missing or is not valid TOML."""
-
-    retryable = False
 
 
 def user_config_file() -> Path:

@@ -3,11 +3,8 @@ health path, stopped as a process group.
 
 Each child runs in a new session, so a Ctrl-C in the terminal reaches only the parent, which then stops its
 children in order; stopping sends SIGTERM to the child's whole process group (MLflow's server forks workers),
-then SIGKILL to what is left after a grace period. Errors::
-
-    ChildError              a child did not come up healthy (the message ends with its log's tail)
-    ├── ChildExitedError    it exited first: starting it again fails the same way (not retryable)
-    └── ChildTimeoutError   it did not answer in time: on a loaded machine a retry may help (retryable)
+then SIGKILL to what is left after a grace period. A child that does not come up raises ``ChildError``
+(``yolo_ota.errors``): ``ChildExitedError`` or ``ChildTimeoutError``.
 """
 
 from __future__ import annotations
@@ -26,24 +23,10 @@ from typing import Self, TypeVar
 
 import httpx
 
+from yolo_ota.errors import ChildError, ChildExitedError, ChildTimeoutError
+
 # Console scripts of this project's environment, and the module each runs when the script is not installed.
 _MODULES = {"mlflow": "mlflow", "yolo-ota": "yolo_ota.cli"}
-
-
-class ChildError(Exception):
-    """A child process did not come up healthy. ``retryable`` tells whether starting it again may help."""
-
-    retryable: bool = False
-
-
-class ChildExitedError(ChildError):
-    """The child exited before it answered its health path."""
-
-
-class ChildTimeoutError(ChildError):
-    """The child was still running but did not answer its health path in time."""
-
-    retryable = True
 
 
 def free_port() -> int:

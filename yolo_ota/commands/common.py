@@ -10,7 +10,8 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from yolo_ota.config import ConfigError, LayeredSettings, build, read_config
+from yolo_ota.config import LayeredSettings, build, read_config
+from yolo_ota.errors import ConfigError
 
 if TYPE_CHECKING:
     from pydantic import ValidationError

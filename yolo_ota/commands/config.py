@@ -13,7 +13,8 @@ from rich.text import Text
 from yolo_ota.commands.common import ConfigPath, console, fail, settings_error
 
 if TYPE_CHECKING:
-    from yolo_ota.config import ConfigFile, LayeredSettings
+    from yolo_ota.errors import ConfigError
+from yolo_ota.config import ConfigFile, LayeredSettings
 
 config_app = typer.Typer(help="Show the settings every command reads (flags, YOLO_OTA_* variables, file).")
 
@@ -72,7 +73,7 @@ def _problem(settings_cls: type[LayeredSettings], config: ConfigFile) -> str | N
 
 
 def _show_family(family: Family, config_path: Path | None) -> None:
-    from yolo_ota.config import ConfigError, read_config
+    from yolo_ota.config import read_config
     from yolo_ota.config_report import mlflow_variables, origins
 
     settings_cls = settings_class(family)

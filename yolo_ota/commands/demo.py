@@ -31,8 +31,8 @@ def demo(
 
     from exporters.errors import ExportError
     from registry.errors import RegistryError
-    from yolo_ota.demo.processes import DemoError
     from yolo_ota.demo.story import Demo, DemoOptions
+    from yolo_ota.errors import DemoError
 
     def interrupt(signum: int, frame: object) -> None:
         raise KeyboardInterrupt  # the same clean stop as Ctrl-C

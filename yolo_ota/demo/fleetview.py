@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 
-from yolo_ota.demo.processes import DemoError
+from yolo_ota.errors import DemoError
 
 Json = dict[str, Any]
 

@@ -13,8 +13,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from yolo_ota.demo.processes import DemoError
-from yolo_ota.processes import ChildError, RunningServer, free_port, wait_healthy
+from yolo_ota.errors import ChildError, DemoError
+from yolo_ota.processes import RunningServer, free_port, wait_healthy
 from yolo_ota.servers import ServiceTokens, launch_agent, launch_mlflow, start_service
 
 LINES = ("line-a", "line-b")

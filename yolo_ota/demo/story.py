@@ -20,10 +20,10 @@ from rich.table import Table
 from rich.text import Text
 
 from yolo_ota.demo.fleetview import FleetWatch, Json, Operator, wave_text
-from yolo_ota.demo.processes import DemoError
 from yolo_ota.demo.stack import Stack, fleet_specs
 from yolo_ota.demo.traffic import Traffic
 from yolo_ota.demo.versions import Built, build_faulty_version, export_version
+from yolo_ota.errors import DemoError
 
 # 25 % then 100 %: with four devices, one device bakes alone before the rest follow.
 DEMO_WAVES: list[dict[str, float]] = [

@@ -12,7 +12,7 @@ from pathlib import Path
 from exporters import drills
 from exporters.export import ExportRequest, ExportResult, export_bundle
 from exporters.local_gate import gate_bundle
-from yolo_ota.demo.processes import DemoError
+from yolo_ota.errors import DemoError
 
 VARIANTS = ("cpu-fp32",)  # the demo's fleet runs on the CPU
 
