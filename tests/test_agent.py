@@ -75,6 +75,7 @@ def test_digest_mismatch_is_refused(agent_stack: AgentStack, tmp_path: Path) -> 
         agent.stop()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("role", "fragment"),
     [
@@ -94,6 +95,7 @@ def test_refused_before_the_swap(agent_stack: AgentStack, tmp_path: Path, role: 
         agent.stop()
 
 
+@pytest.mark.slow
 def test_incompatible_fingerprint_is_refused(agent_stack: AgentStack, tmp_path: Path) -> None:
     """The service judged by the fingerprint the device enrolled with (torch 99.9); the agent judges by its own."""
     stack = agent_stack
@@ -112,6 +114,7 @@ def test_incompatible_fingerprint_is_refused(agent_stack: AgentStack, tmp_path: 
         agent.stop()
 
 
+@pytest.mark.slow
 def test_failing_after_the_swap_rolls_back_without_failing_requests(
     agent_stack: AgentStack, tmp_path: Path, bus_jpg: bytes
 ) -> None:
@@ -145,6 +148,7 @@ def test_failing_after_the_swap_rolls_back_without_failing_requests(
         agent.stop()
 
 
+@pytest.mark.slow
 def test_cut_download_resumes_with_a_range_request(agent_stack: AgentStack, tmp_path: Path) -> None:
     agent = lane_agent(agent_stack, tmp_path, "cut")
     proxy = agent_stack.mlflow_proxy
@@ -164,6 +168,7 @@ def test_cut_download_resumes_with_a_range_request(agent_stack: AgentStack, tmp_
         agent.stop()
 
 
+@pytest.mark.slow
 def test_service_outage_keeps_serving_and_delivers_reports_later(
     agent_stack: AgentStack, tmp_path: Path, bus_jpg: bytes
 ) -> None:
@@ -191,6 +196,7 @@ def test_service_outage_keeps_serving_and_delivers_reports_later(
         agent.stop()
 
 
+@pytest.mark.slow
 def test_path_traversal_entry_is_refused(agent_stack: AgentStack, tmp_path: Path) -> None:
     """A desired state (as a compromised or buggy service could send) naming a file outside the staging folder."""
     stack = agent_stack
@@ -245,6 +251,7 @@ def test_python_api_in_process(agent_stack: AgentStack, tmp_path: Path, bus_jpg:
         agent.stop()
 
 
+@pytest.mark.slow
 def test_promotion_in_mlflow_reaches_the_agent(
     agent_versions: AgentVersions, mlflow_server: RunningServer, tmp_path: Path, bus_jpg: bytes
 ) -> None:

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 from agent_stack import AgentStack, lane_agent
 
+pytestmark = pytest.mark.slow  # the SIGKILL matrix: about 40 s per state
+
 PROBATION_WITH_TRAFFIC = {"PROBATION_INFERENCES": "80", "PROBATION_MIN_INFERENCES": "60", "PROBATION_S": "3"}
 
 # state killed in -> (version rolled out, version served in the end, last event the service must get)

@@ -10,9 +10,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from agent_stack import AgentStack, lane_agent
 
 from edge_agent.store import VersionStore
+
+pytestmark = pytest.mark.slow  # waits through several backoff periods
 
 
 def test_a_failed_rollback_is_retried_until_the_last_known_good_serves(

@@ -8,7 +8,10 @@ import threading
 from pathlib import Path
 
 import httpx
+import pytest
 from agent_stack import AgentStack, lane_agent
+
+pytestmark = pytest.mark.slow  # swaps under load
 
 
 def test_swaps_under_load_fail_no_request(agent_stack: AgentStack, tmp_path: Path, bus_jpg: bytes) -> None:

@@ -24,6 +24,8 @@ import httpx
 import pytest
 from browser import VIRTUAL_TIME_MS, chromium, load, needs_chromium
 
+pytestmark = pytest.mark.slow  # the whole demo: about three minutes on 2 cores
+
 DEMO_TIMEOUT_S = 900
 MODEL = "pcb-inspection"
 

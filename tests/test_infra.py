@@ -399,6 +399,7 @@ def test_agent_image_health_check_asks_a_route_the_agent_serves() -> None:
         host, port = api.address
         with pytest.raises(urllib.request.HTTPError) as answer:
             urllib.request.urlopen(f"http://{host}:{port}{url[1]}", timeout=10)
+        answer.value.close()  # the error holds the open response
         assert answer.value.code == 503, f"{url[1]} is not the agent's health route"  # 404 for an unknown path
     finally:
         api.stop()
