@@ -17,6 +17,8 @@ from fleet import Fleet
 from prometheus_client.parser import text_string_to_metric_families
 from servers import ENROLLMENT_TOKEN, RunningServer, start_rollout_service
 
+pytestmark = pytest.mark.slow  # agent processes through whole updates: 20-30 s each
+
 
 def test_happy_path_rollout_to_detect(agent_stack: AgentStack, tmp_path: Path, bus_jpg: bytes) -> None:
     stack = agent_stack
@@ -75,7 +77,6 @@ def test_digest_mismatch_is_refused(agent_stack: AgentStack, tmp_path: Path) -> 
         agent.stop()
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(
     ("role", "fragment"),
     [
@@ -95,7 +96,6 @@ def test_refused_before_the_swap(agent_stack: AgentStack, tmp_path: Path, role: 
         agent.stop()
 
 
-@pytest.mark.slow
 def test_incompatible_fingerprint_is_refused(agent_stack: AgentStack, tmp_path: Path) -> None:
     """The service judged by the fingerprint the device enrolled with (torch 99.9); the agent judges by its own."""
     stack = agent_stack
@@ -114,7 +114,6 @@ def test_incompatible_fingerprint_is_refused(agent_stack: AgentStack, tmp_path: 
         agent.stop()
 
 
-@pytest.mark.slow
 def test_failing_after_the_swap_rolls_back_without_failing_requests(
     agent_stack: AgentStack, tmp_path: Path, bus_jpg: bytes
 ) -> None:
@@ -148,7 +147,6 @@ def test_failing_after_the_swap_rolls_back_without_failing_requests(
         agent.stop()
 
 
-@pytest.mark.slow
 def test_cut_download_resumes_with_a_range_request(agent_stack: AgentStack, tmp_path: Path) -> None:
     agent = lane_agent(agent_stack, tmp_path, "cut")
     proxy = agent_stack.mlflow_proxy
@@ -168,7 +166,6 @@ def test_cut_download_resumes_with_a_range_request(agent_stack: AgentStack, tmp_
         agent.stop()
 
 
-@pytest.mark.slow
 def test_service_outage_keeps_serving_and_delivers_reports_later(
     agent_stack: AgentStack, tmp_path: Path, bus_jpg: bytes
 ) -> None:
@@ -196,7 +193,6 @@ def test_service_outage_keeps_serving_and_delivers_reports_later(
         agent.stop()
 
 
-@pytest.mark.slow
 def test_path_traversal_entry_is_refused(agent_stack: AgentStack, tmp_path: Path) -> None:
     """A desired state (as a compromised or buggy service could send) naming a file outside the staging folder."""
     stack = agent_stack
@@ -251,7 +247,6 @@ def test_python_api_in_process(agent_stack: AgentStack, tmp_path: Path, bus_jpg:
         agent.stop()
 
 
-@pytest.mark.slow
 def test_promotion_in_mlflow_reaches_the_agent(
     agent_versions: AgentVersions, mlflow_server: RunningServer, tmp_path: Path, bus_jpg: bytes
 ) -> None:

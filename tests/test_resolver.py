@@ -399,6 +399,7 @@ def direct_s3_mlflow(moto_url: str, tmp_path_factory: pytest.TempPathFactory) ->
     server.stop()
 
 
+@pytest.mark.slow  # its own MLflow server (S3 or PostgreSQL backend)
 def test_s3_behind_the_proxy(
     proxied_s3_mlflow: RunningServer,
     moto_url: str,
@@ -420,6 +421,7 @@ def test_s3_behind_the_proxy(
         assert any(key.endswith(f"/{registration.run_id}/artifacts/bundle/{path}") for key in keys), path
 
 
+@pytest.mark.slow  # its own MLflow server (S3 or PostgreSQL backend)
 def test_s3_direct_with_presigned_urls(
     direct_s3_mlflow: RunningServer,
     moto_url: str,
@@ -474,6 +476,7 @@ def postgres_mlflow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runnin
             admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
 
 
+@pytest.mark.slow  # its own MLflow server (S3 or PostgreSQL backend)
 def test_postgres_backend(postgres_mlflow: RunningServer, trained_bundle: Path, tmp_path: Path) -> None:
     model = "resolver-postgres"
     gateway = MlflowGateway(postgres_mlflow.url, max_retries=0)
