@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import shutil
 import threading
 import time
@@ -22,7 +21,7 @@ from edge_agent.errors import DiskSpaceError, DownloadFailed, VerificationFailed
 from edge_agent.protocol import DesiredFile, DesiredState
 from exporters.bundle import MANIFEST_NAME, SIGNATURE_NAME, safe_join, sha256_file
 from exporters.errors import UnsafePathError, one_line
-from exporters.files import atomic_write
+from exporters.files import atomic_write, commit_file
 
 log = logging.getLogger(__name__)
 
@@ -132,8 +131,7 @@ class Downloader:
             size = part.stat().st_size
             actual = sha256_file(part) if size == entry.bytes else None
             if actual == entry.sha256:
-                _fsync_file(part)
-                os.replace(part, path)
+                commit_file(part, path)
                 return
             part.unlink(missing_ok=True)
             mismatches += 1
@@ -195,8 +193,3 @@ class _Retry(Exception):
 
 def _part(path: Path) -> Path:
     return path.with_name(path.name + ".part")
-
-
-def _fsync_file(path: Path) -> None:
-    with path.open("rb") as handle:
-        os.fsync(handle.fileno())

@@ -26,13 +26,23 @@ def atomic_write(path: Path, data: bytes | str, *, mode: int = 0o644) -> Path:
         os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as handle:
             handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
+        commit_file(Path(temporary), path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
         raise
+    return path
+
+
+def commit_file(temporary: Path, path: Path) -> Path:
+    """Put a fully written ``temporary`` file in place of ``path``: fsync it, rename it, fsync the folder.
+
+    The last step of ``atomic_write``, and of writers that fill the temporary file themselves (a resumable
+    download's ``.part`` file). ``temporary`` must be in ``path``'s folder, so that the rename is atomic.
+    """
+    with temporary.open("rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
     fsync_dir(path.parent)
     return path
 

@@ -97,6 +97,16 @@ def start_mlflow(data_dir: Path, *, timeout_s: float = 120, **options: Unpack[Ml
     return started(launch_mlflow(data_dir, **options), timeout_s)
 
 
+def own_config(data_dir: Path) -> str:
+    """An empty config file in the child's data dir, named to the child: it reads only the settings it is given,
+    never a ``yolo-ota.toml`` or user config file that happens to be where it runs."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    path = data_dir / "launcher-config.toml"
+    if not path.exists():
+        path.write_text("# Empty: this process takes its settings from the flags and variables it was started with.\n")
+    return str(path)
+
+
 def start_service(
     data_dir: Path,
     tokens: ServiceTokens,
@@ -113,7 +123,7 @@ def start_service(
     ``data_dir`` unless they say otherwise. MLflow calls are retried once unless ``env`` says otherwise.
     """
     port = port or free_port()
-    variables = {"DATA_DIR": str(data_dir), **tokens.settings(), **(settings or {})}
+    variables = {"DATA_DIR": str(data_dir), "CONFIG": own_config(data_dir), **tokens.settings(), **(settings or {})}
     child_env = clean_env(
         {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", **(env or {}), **{f"YOLO_OTA_{k}": v for k, v in variables.items()}}
     )
@@ -152,7 +162,8 @@ def launch_agent(
     if public_key is not None:
         command += ["--public-key", str(public_key)]
     command += extra_args
-    child_env = clean_env({**(env or {}), **{f"YOLO_OTA_AGENT_{k}": v for k, v in (settings or {}).items()}})
+    variables = {"CONFIG": own_config(data_dir), **(settings or {})}
+    child_env = clean_env({**(env or {}), **{f"YOLO_OTA_AGENT_{k}": v for k, v in variables.items()}})
     return launch(
         f"agent {device_id}", command, port=port, health_path=AGENT_READY_PATH, env=child_env,
         log_path=data_dir / "agent.log", cwd=data_dir,
