@@ -18,7 +18,7 @@ import pytest
 from agents import RunningAgent, start_agent
 from faultproxy import FaultProxy
 from fleet import Fleet
-from servers import RunningServer, start_rollout_service
+from servers import start_rollout_service
 
 from exporters.bundle import read_manifest, write_manifest
 from exporters.drills import (
@@ -32,6 +32,7 @@ from exporters.drills import (
     unsign,
 )
 from exporters.signing import generate_keypair
+from yolo_ota.processes import RunningServer
 
 AGENT_MODEL = "agent-line"
 NAN_AFTER_CALLS = 24  # validation makes 8 golden + 2 warm-up + 5 timed calls in its own process; serving: 3 warm-up

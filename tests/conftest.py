@@ -27,8 +27,9 @@ os.environ["YOLO_OFFLINE"] = "true"
 os.environ["YOLO_CONFIG_DIR"] = _CONFIG_DIR
 
 import torch  # noqa: E402
-from servers import RunningServer, start_mlflow, start_rollout_service  # noqa: E402
+from servers import start_mlflow, start_rollout_service  # noqa: E402
 
+from yolo_ota.processes import RunningServer  # noqa: E402
 from yolo_ota.scratch_postgres import create_postgres_database, drop_postgres_database, postgres_reachable  # noqa: E402
 
 pytest_plugins = ["agent_stack"]

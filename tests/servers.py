@@ -1,6 +1,6 @@
 """The tests' servers on loopback: MLflow with a fixed webhook key, the rollout service with fixed test tokens and
 fast loops. Processes are started and stopped by the project's launcher (``yolo_ota.processes``,
-``yolo_ota.servers``); the test modules import its ``RunningServer`` and ``free_port`` from here.
+``yolo_ota.servers``).
 """
 
 from __future__ import annotations
@@ -9,11 +9,9 @@ import base64
 from pathlib import Path
 from typing import Unpack
 
-from yolo_ota.processes import RunningServer, free_port
+from yolo_ota.processes import RunningServer
 from yolo_ota.servers import MlflowOptions, ServiceTokens, start_service
 from yolo_ota.servers import start_mlflow as start_project_mlflow
-
-__all__ = ["RunningServer", "free_port"]
 
 # MLflow encrypts webhook secrets with this Fernet key (32 url-safe base64 bytes); fixed, test only.
 WEBHOOK_KEY = base64.urlsafe_b64encode(b"yolo-ota-test-webhook-key-32byte").decode()

@@ -15,7 +15,9 @@ from agents import start_agent
 from faultproxy import Corrupt, Cut, Rewrite, rewrite_json
 from fleet import Fleet
 from prometheus_client.parser import text_string_to_metric_families
-from servers import ENROLLMENT_TOKEN, RunningServer, start_rollout_service
+from servers import ENROLLMENT_TOKEN, start_rollout_service
+
+from yolo_ota.processes import RunningServer
 
 pytestmark = pytest.mark.slow  # agent processes through whole updates: 20-30 s each
 

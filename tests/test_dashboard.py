@@ -24,9 +24,10 @@ from typing import Any
 import pytest
 from browser import VIRTUAL_TIME_MS, chromium, load, needs_chromium
 from fleet import Fleet, SimDevice
-from servers import OPERATOR_TOKEN, RunningServer, start_rollout_service
+from servers import OPERATOR_TOKEN, start_rollout_service
 
 from registry.rollout_service.dashboard import UI_DIR
+from yolo_ota.processes import RunningServer
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "pcb-line"

@@ -13,7 +13,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import pytest
 from faultproxy import Corrupt, Cut, FaultProxy, Rewrite, Seen, Status, rewrite_json
-from servers import free_port
+
+from yolo_ota.processes import free_port
 
 BODY = random.Random(1234).randbytes(100_000)
 DESIRED = {"model": "pcb-line", "version": 3, "etag": "v3"}

@@ -9,12 +9,12 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from servers import RunningServer, free_port
 
 from exporters.bundle import MANIFEST_NAME
 from exporters.export import ExportRequest, export_bundle
 from registry.errors import DuplicateBundleError, PromotionRefusedError, RegistryUnavailableError
 from registry.mlflow_gateway import MlflowGateway
+from yolo_ota.processes import RunningServer, free_port
 
 
 def _mlflow_client(server: RunningServer):

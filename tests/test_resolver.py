@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 import pytest
-from servers import RunningServer, free_port, start_mlflow
+from servers import start_mlflow
 
 from exporters.bundle import MANIFEST_NAME, SIGNATURE_NAME, load_verified, read_manifest, write_manifest
 from exporters.signing import (
@@ -39,6 +39,7 @@ from registry.mlflow_gateway import MlflowGateway, Registration
 from registry.resolver import BundleResolver, ResolvedBundle
 from registry.s3 import s3_presigner
 from registry.tags import MANIFEST_DIGEST_TAG, SIGNED_TAG
+from yolo_ota.processes import RunningServer, free_port
 
 PCB = "resolver-pcb"
 BUCKET = "yolo-ota-resolver"

@@ -8,9 +8,10 @@ from itertools import count
 
 import httpx
 import pytest
-from servers import ENROLLMENT_TOKEN, OPERATOR_TOKEN, RunningServer, free_port
+from servers import ENROLLMENT_TOKEN, OPERATOR_TOKEN
 
 from exporters.fingerprint import collect
+from yolo_ota.processes import RunningServer, free_port
 
 # The bake time keeps a wave from passing by itself: with no devices enrolled, a wave succeeds once baked.
 LONG_BAKE_S = 3600

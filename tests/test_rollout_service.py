@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 from fleet import Fleet
-from servers import RunningServer, free_port, start_rollout_service
+from servers import start_rollout_service
 
 from registry.rollout_service.db import Device, make_engine
+from yolo_ota.processes import RunningServer, free_port
 
 MODEL = "pcb-line"
 FAST_WAVES = [

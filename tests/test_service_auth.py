@@ -12,9 +12,10 @@ from typing import Any
 
 import httpx
 import pytest
-from servers import ENROLLMENT_TOKEN, OPERATOR_TOKEN, RunningServer
+from servers import ENROLLMENT_TOKEN, OPERATOR_TOKEN
 
 from exporters.fingerprint import collect
+from yolo_ota.processes import RunningServer
 
 MODEL = "pcb-line"
 # Open: no bearer token (enrollment carries the enrollment token in its body).

@@ -24,9 +24,10 @@ import pytest
 import schemathesis
 from schemathesis.config import SchemathesisConfig
 from schemathesis.engine import Status, events
-from servers import ENROLLMENT_TOKEN, OPERATOR_TOKEN, RunningServer
+from servers import ENROLLMENT_TOKEN, OPERATOR_TOKEN
 
 from exporters.fingerprint import collect
+from yolo_ota.processes import RunningServer
 
 MODEL = "pcb-line"
 CHECKS = ("not_a_server_error", "status_code_conformance", "content_type_conformance", "response_schema_conformance")

@@ -20,12 +20,12 @@ import pytest
 import uvicorn
 from fastapi import APIRouter, FastAPI
 from fastapi.routing import APIRoute
-from servers import free_port
 
 from registry.rollout_service.api import deps, devices, operations, rollouts
 from registry.rollout_service.app import create_app
 from registry.rollout_service.auth import AuthenticatedDevice, Operator
 from registry.rollout_service.settings import ServiceSettings
+from yolo_ota.processes import free_port
 
 PACKAGE = Path(__file__).resolve().parents[1] / "registry" / "rollout_service"
 ROUTE_MODULES = sorted((PACKAGE / "api").glob("*.py"))

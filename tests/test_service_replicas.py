@@ -7,13 +7,14 @@ from pathlib import Path
 
 import pytest
 from fleet import Fleet
-from servers import RunningServer, start_rollout_service
+from servers import start_rollout_service
 
 from exporters.fingerprint import collect
 from registry.rollout_service.db import BundleRecord, transaction, utcnow
 from registry.rollout_service.schemas import RolloutCreate, WaveSpec
 from registry.rollout_service.service import build_service
 from registry.rollout_service.settings import ServiceSettings
+from yolo_ota.processes import RunningServer
 
 MODEL = "pcb-line"
 

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from servers import RunningServer, free_port
 
 from edge_agent.errors import AgentSettingsError
 from edge_agent.settings import AgentSettings
@@ -21,6 +20,7 @@ from registry.rollout_service.settings import ServiceSettings
 from registry.rollout_service.settings import load_settings as load_service_settings
 from yolo_ota.config import LayeredSettings, build, read_config
 from yolo_ota.errors import ConfigError
+from yolo_ota.processes import RunningServer, free_port
 from yolo_ota.settings import ExportSettings, GateSettings, KeysSettings, RegistrySettings, RolloutSettings
 
 
