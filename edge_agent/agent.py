@@ -27,6 +27,7 @@ import numpy as np
 from edge_agent.client import ServiceClient
 from edge_agent.download import Downloader
 from edge_agent.errors import AgentError
+from edge_agent.frames import FrameRing
 from edge_agent.journal import Journal
 from edge_agent.loading import ModelLoader
 from edge_agent.metrics import AgentCollector, agent_registry
@@ -58,7 +59,9 @@ class Agent:
         self.fingerprint = collect()
         self.store = VersionStore(settings.data_dir)
         self.telemetry = Telemetry()
-        self.runtime = InferenceRuntime(observer=self._observe)
+        frames = FrameRing(capacity=settings.shadow_ring_frames, max_bytes=settings.shadow_ring_bytes,
+                           every=settings.shadow_sample_every)  # fmt: skip
+        self.runtime = InferenceRuntime(observer=self._observe, frames=frames)
         self.client = ServiceClient(settings, self.fingerprint)
         self._stop = threading.Event()
         self.reporter = Reporter(
@@ -159,6 +162,7 @@ class Agent:
             "target": {"model": st.target_model, "version": st.target_version} if st.target_version else None,
             "retrying": self.updates.rollback.retrying(),
             "rejected": list(st.rejected),
+            "shadow": self.updates.last_shadow,
             "installed": [f"{i.model} v{i.version}" for i in self.store.all_installed()],
             "reports_queued": len(self.reporter.outbox),
             "last_poll": dict(self.poller.last_poll),

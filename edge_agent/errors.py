@@ -10,6 +10,7 @@ AgentError
 ├── UpdateRejected          this version must not run here; report why, keep serving (not retryable)
 │   ├── VerificationFailed  digest, signature, fingerprint or unsafe path
 │   ├── ValidationFailed    load, detection parity, latency budget or memory headroom on this device
+│   ├── ShadowFailed        the candidate disagrees with the serving model on this device's frames
 │   └── ProbationFailed     errors, NaN/inf outputs or latency after the swap
 ├── DownloadFailed          a file could not be fetched completely               (retryable)
 │   └── DiskSpaceError      the staging disk would run out                       (retryable once space is freed)
@@ -62,6 +63,10 @@ class VerificationFailed(UpdateRejected):
 
 class ValidationFailed(UpdateRejected):
     """The version does not load, match its golden detections, meet its latency budget or fit in memory here."""
+
+
+class ShadowFailed(UpdateRejected):
+    """On the frames this device serves (or its golden data), the candidate misses what the serving model finds."""
 
 
 class ProbationFailed(UpdateRejected):

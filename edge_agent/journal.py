@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 
+from edge_agent.protocol import ShadowReport
 from edge_agent.reporting import Reporter, event
 from edge_agent.state import AgentState, Event, StateStore
 
@@ -58,7 +59,9 @@ class Journal:
 
     def emit(
         self, state: str, model: str | None, version: str | None, rollout_id: int | None, *, ok: bool = True,
-        reason: str = "",
+        reason: str = "", shadow: ShadowReport | None = None,
     ) -> None:  # fmt: skip
         """Queue an event for the rollout service (delivered by the reporter thread)."""
-        self._reporter.emit(event(state, model=model, version=version, rollout_id=rollout_id, ok=ok, reason=reason))
+        self._reporter.emit(
+            event(state, model=model, version=version, rollout_id=rollout_id, ok=ok, reason=reason, shadow=shadow)
+        )

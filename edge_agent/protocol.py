@@ -8,6 +8,7 @@ strict.
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -33,6 +34,21 @@ class DesiredFile(_Answer):
     bytes: int = Field(ge=0)
 
 
+class ShadowConfig(_Answer):
+    """The desired state's ``shadow`` block: how the candidate is compared with the serving model on live frames.
+
+    The defaults are the rollout service's (``ShadowSpec``), repeated here because the agent never imports the
+    service; a desired state without the block gets them.
+    """
+
+    enabled: bool = True
+    min_matched: float = Field(default=0.8, ge=0, le=1)  # share of serving detections the candidate must match
+    iou: float = Field(default=0.5, gt=0, le=1)  # same class and at least this IoU is a match
+    min_class_samples: int = Field(default=20, ge=1)  # a class is judged once it has this many serving detections
+    sample_frames: int = Field(default=64, ge=1, le=10_000)  # live frames to run the candidate on
+    time_limit_s: float = Field(default=120, ge=0, le=86400)  # to collect them; then the golden data stands in
+
+
 class DesiredState(_Answer):
     """What the service wants this device to run; ``version`` is None when it has no opinion."""
 
@@ -46,6 +62,11 @@ class DesiredState(_Answer):
     signature_url: str | None = None
     etag: str = ""
     poll_interval_s: int = 30
+    shadow: ShadowConfig | None = None  # None: the defaults (``ShadowConfig()``)
+
+    @property
+    def shadow_config(self) -> ShadowConfig:
+        return self.shadow if self.shadow is not None else ShadowConfig()
 
     @property
     def key(self) -> str | None:
@@ -53,6 +74,34 @@ class DesiredState(_Answer):
         if self.model is None or self.version is None:
             return None
         return f"{self.model}:{self.version}:{self.manifest_sha256}"
+
+
+class ShadowClass(_Sent):
+    """One class of a shadow comparison."""
+
+    class_id: int
+    class_name: str
+    serving: int  # detections of the serving model
+    candidate: int
+    matched_serving: float | None  # None when the serving model found none of this class
+    matched_candidate: float | None
+    judged: bool  # serving found at least min_class_samples: the class counts for the gate
+    passed: bool
+
+
+class ShadowReport(_Sent):
+    """What shadow validation found: the ``shadow`` field of its event (contract in docs/edge-agent.md)."""
+
+    source: Literal["live", "golden", "skipped"]
+    frames: int
+    serving_detections: int
+    candidate_detections: int
+    matched_serving: float | None  # share of the serving model's detections the candidate matched
+    matched_candidate: float | None  # share of the candidate's detections the serving model matched
+    count_delta: float | None  # (candidate - serving) / max(serving, 1)
+    confidence_shift: float | None  # mean confidence of the matched candidate minus serving detections
+    classes: list[ShadowClass] = Field(default_factory=list)
+    passed: bool
 
 
 class ReportEvent(_Sent):
@@ -63,6 +112,7 @@ class ReportEvent(_Sent):
     ok: bool = True
     reason: str = Field(default="", max_length=1000)
     at: datetime
+    shadow: ShadowReport | None = None  # only on "shadow" events
 
 
 class LatencyFigures(_Sent):
@@ -70,7 +120,17 @@ class LatencyFigures(_Sent):
     p99: float
 
 
+class Histograms(_Sent):
+    """Fixed buckets (``exporters.telemetry_buckets``): 21 latency, 21 detections-per-image, 20 confidence."""
+
+    latency_ms: list[int]
+    detections: list[int]
+    confidence: list[int]
+
+
 class ReportTelemetry(_Sent):
+    """One window of one version. The counts after ``mean_confidence`` are sent by agents since issue 13."""
+
     version: str
     model: str | None = None
     inferences: int
@@ -78,6 +138,11 @@ class ReportTelemetry(_Sent):
     latency_ms: LatencyFigures
     detections_per_image: float
     mean_confidence: float
+    frames: int  # answered without error (inferences - errors)
+    empty_frames: int  # of those, with no detection
+    nonfinite: int  # NaN/inf outputs (counted in errors too)
+    histograms: Histograms
+    class_counts: dict[str, int]  # detections per class index; zero counts left out
 
 
 class Report(_Sent):

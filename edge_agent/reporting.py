@@ -16,7 +16,7 @@ from pathlib import Path
 
 from edge_agent.client import ServiceClient
 from edge_agent.errors import AgentError
-from edge_agent.protocol import Report, ReportEvent, ReportTelemetry
+from edge_agent.protocol import Report, ReportEvent, ReportTelemetry, ShadowReport
 from edge_agent.telemetry import Telemetry
 from exporters.files import atomic_write
 
@@ -63,10 +63,10 @@ class Outbox:
 
 
 def event(state: str, *, model: str | None, version: str | None, rollout_id: int | None, ok: bool = True,
-          reason: str = "") -> ReportEvent:  # fmt: skip
+          reason: str = "", shadow: ShadowReport | None = None) -> ReportEvent:  # fmt: skip
     return ReportEvent(
         state=state, model=model, version=version, rollout_id=rollout_id, ok=ok, reason=reason[:1000],
-        at=datetime.now(UTC),
+        at=datetime.now(UTC), shadow=shadow,
     )  # fmt: skip
 
 

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from edge_agent.errors import ModelOutputError, NoModelError
+from edge_agent.frames import FrameRing
 from exporters.bundle import Manifest, safe_join
 from exporters.gates import first_tensor
 from exporters.postprocess import Detections, decode
@@ -87,15 +88,34 @@ class DetectResult:
     latency_ms: float
 
 
-@dataclass(frozen=True)
+_NONE_INT = np.zeros(0, dtype=np.int64)
+_NONE_FLOAT = np.zeros(0, dtype=np.float32)
+
+
+@dataclass(frozen=True, eq=False)
 class Inference:
-    """What one request did, for telemetry and probation."""
+    """What one request did, for telemetry and probation: the class and score of each detection (small arrays,
+    at most ``max_det`` long), or the error; ``nonfinite`` when the error was a NaN/inf output."""
 
     model: LoadedModel
     latency_ms: float
-    detections: int
-    confidence_sum: float
-    error: str | None
+    error: str | None = None
+    class_ids: np.ndarray = field(default_factory=lambda: _NONE_INT)
+    scores: np.ndarray = field(default_factory=lambda: _NONE_FLOAT)
+    nonfinite: bool = False
+
+    @property
+    def detections(self) -> int:
+        return int(self.class_ids.shape[0])
+
+    @property
+    def confidence_sum(self) -> float:
+        return float(self.scores.sum())
+
+
+def _failed(model: LoadedModel, started: float, exc: BaseException) -> Inference:
+    elapsed_ms = (time.perf_counter() - started) * 1000.0
+    return Inference(model, elapsed_ms, error=str(exc), nonfinite=isinstance(exc, ModelOutputError))
 
 
 Observer = Callable[[Inference], None]
@@ -135,7 +155,8 @@ def load_model(directory: Path, manifest: Manifest, variant: str, *, model: str,
 class InferenceRuntime:
     """Serves detections from the current model; swaps, keeps a standby during probation, falls back to CPU."""
 
-    def __init__(self, observer: Observer | None = None) -> None:
+    def __init__(self, observer: Observer | None = None, frames: FrameRing | None = None) -> None:
+        self.frames = frames  # sampled request images for shadow validation; None: none kept
         self._serving: LoadedModel | None = None
         self._standby: LoadedModel | None = None
         self._observer = observer or (lambda _inference: None)
@@ -168,21 +189,22 @@ class InferenceRuntime:
             self._serving, self._standby = None, None
 
     def detect_bytes(self, data: bytes) -> DetectResult:
-        """Detections for an encoded image; ``ValueError`` when the bytes are not an image."""
-        return self.detect(decode_image_bytes(data))
+        """Detections for an encoded image; ``ValueError`` when the bytes are not an image. The bytes may be kept
+        in the frame ring (``self.frames``) for shadow validation."""
+        return self.detect(decode_image_bytes(data), encoded=data)
 
-    def detect(self, image_bgr: np.ndarray) -> DetectResult:
+    def detect(self, image_bgr: np.ndarray, *, encoded: bytes | None = None) -> DetectResult:
         """Detections for an HWC BGR uint8 image, from the model serving when the request started."""
         model = self._serving
         if model is None:
             raise NoModelError("no validated model is loaded yet")
         try:
-            return self._run(model, image_bgr)
+            return self._run(model, image_bgr, encoded)
         except (RuntimeError, ModelOutputError) as exc:
             backup = self._backup_for(model, exc)
             if backup is None:
                 raise
-            return self._run(backup, image_bgr)
+            return self._run(backup, image_bgr, None)
 
     def probe(self, batch: np.ndarray) -> None:
         """Run golden inputs through the serving model (probation with little traffic); failures are recorded."""
@@ -190,22 +212,24 @@ class InferenceRuntime:
         if model is None:
             return
         started = time.perf_counter()
-        error = None
         try:
             model.forward(batch)
         except (RuntimeError, ModelOutputError) as exc:
-            error = str(exc)
-        self._observer(Inference(model, (time.perf_counter() - started) * 1000.0, 0, 0.0, error))
+            self._observer(_failed(model, started, exc))
+            return
+        self._observer(Inference(model, (time.perf_counter() - started) * 1000.0))
 
-    def _run(self, model: LoadedModel, image_bgr: np.ndarray) -> DetectResult:
+    def _run(self, model: LoadedModel, image_bgr: np.ndarray, encoded: bytes | None) -> DetectResult:
         started = time.perf_counter()
         try:
             found = model.detect(image_bgr)
         except (RuntimeError, ModelOutputError) as exc:
-            self._observer(Inference(model, (time.perf_counter() - started) * 1000.0, 0, 0.0, str(exc)))
+            self._observer(_failed(model, started, exc))
             raise
         latency_ms = (time.perf_counter() - started) * 1000.0
-        self._observer(Inference(model, latency_ms, len(found), float(found.scores.sum()), None))
+        self._observer(Inference(model, latency_ms, class_ids=found.class_ids, scores=found.scores))
+        if encoded is not None and self.frames is not None and model is self._serving:
+            self.frames.offer(encoded, model.version, found)
         return DetectResult(
             model=model.model,
             version=model.version,

@@ -52,6 +52,11 @@ class AgentSettings(LayeredSettings):
     validation_timeout_s: float = Field(default=600.0, gt=0)
     validation_nice: int = Field(default=10, ge=0, le=19)  # validation yields the CPU to serving
     memory_headroom: float = Field(default=0.2, ge=0, lt=1)  # GPU share that must stay free after loading
+    # Shadow validation (thresholds come with the desired state): the ring of sampled request images it runs on.
+    shadow_sample_every: int = Field(default=2, ge=1)  # keep every k-th answered request's image
+    shadow_ring_frames: int = Field(default=64, ge=0)  # 0: keep none (shadow validation then uses golden data)
+    shadow_ring_bytes: int = Field(default=32 << 20, ge=0)
+    shadow_time_limit_s: float | None = Field(default=None, ge=0)  # caps the desired state's time_limit_s
 
     probation_inferences: int = Field(default=200, ge=1)
     probation_s: float = Field(default=60.0, gt=0)

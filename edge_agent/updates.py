@@ -10,11 +10,12 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edge_agent.download import Downloader
-from edge_agent.errors import AgentError, ProbationFailed, UpdateRejected
+from edge_agent.errors import AgentError, ProbationFailed, ShadowFailed, UpdateRejected
 from edge_agent.journal import Journal
 from edge_agent.loading import ModelLoader
 from edge_agent.probation import Probation
@@ -22,6 +23,7 @@ from edge_agent.protocol import DesiredState
 from edge_agent.rollback import Rollback
 from edge_agent.runtime import InferenceRuntime
 from edge_agent.settings import AgentSettings
+from edge_agent.shadow_run import shadow_validate
 from edge_agent.state import BEFORE_SWAP, RESTING, STEP_HANDLERS, Event, State
 from edge_agent.store import Installed, VersionStore
 from edge_agent.telemetry import Telemetry
@@ -58,6 +60,7 @@ class Updates:
         self._stop = stop
         self.rollback = Rollback(journal, runtime, loader, backoff_max_s=settings.backoff_max_s, stop=stop)
         self._acknowledged: int | None = None  # the last rollout told that its version already runs here
+        self.last_shadow: dict[str, object] | None = None  # the latest shadow result, for /v1/status
 
     # -- taking an offer -------------------------------------------------------------------------------------
 
@@ -173,7 +176,9 @@ class Updates:
         before = self.store.installed(st.target_model, st.target_version)
         if before and before.key == st.target_key and before.variant == variant and before.validated_on == where:
             # The same bundle, variant and device passed here already (an A/B arm or a rollback brings it back):
-            # its files were verified again a step ago, and a second run would measure the same thing.
+            # its files were verified again a step ago, and a second run would measure the same thing. The shadow
+            # comparison runs again: it is against whatever serves now.
+            self.shadow(offer, staging, variant)
             self.store.install(st.target_model, st.target_version, before)
             p99 = f"p99 {before.p99_ms:.1f} ms" if before.p99_ms is not None else "no p99"
             self.journal.advance(Event.done, reason=f"validated here before ({p99}); not run again")
@@ -181,12 +186,35 @@ class Updates:
         s = self.settings
         result = validate(staging, variant, headroom=s.memory_headroom, nice=s.validation_nice,
                           timeout_s=s.validation_timeout_s, stop=self._stop)  # fmt: skip
+        self.shadow(offer, staging, variant)
         record = Installed(
             model=st.target_model, version=st.target_version, key=st.target_key or "", variant=variant,
             p99_ms=result.p99_ms, validated_on=where,
         )  # fmt: skip
         self.store.install(st.target_model, st.target_version, record)
         self.journal.advance(Event.done, reason=result.detail)
+
+    def shadow(self, offer: DesiredState, staging: Path, variant: str) -> None:
+        """Part of the validating step, after the gates: compare the candidate with the serving model on live
+        frames (``edge_agent.shadow_run``), report a ``shadow`` event, and ``ShadowFailed`` when it fails."""
+        st = self.journal.state
+        s = self.settings
+        config = offer.shadow_config
+        limit_s = (
+            config.time_limit_s if s.shadow_time_limit_s is None else min(config.time_limit_s, s.shadow_time_limit_s)
+        )
+        report, reason = shadow_validate(
+            staging, variant, serving=self.runtime.serving, frames=self.runtime.frames, config=config,
+            work_dir=s.data_dir / "shadow", nice=s.validation_nice, timeout_s=s.validation_timeout_s,
+            time_limit_s=limit_s, stop=self._stop,
+        )  # fmt: skip
+        log.info("%s v%s: %s", st.target_model, st.target_version, reason)
+        self.last_shadow = {"model": st.target_model, "version": st.target_version, "ok": report.passed,
+                            "reason": reason, **report.model_dump(mode="json")}  # fmt: skip
+        self.journal.emit("shadow", st.target_model, st.target_version, st.target_rollout_id, ok=report.passed,
+                          reason=reason, shadow=report)  # fmt: skip
+        if not report.passed:
+            raise ShadowFailed(reason)
 
     def swap_in(self, _offer: DesiredState | None) -> None:
         st = self.journal.state

@@ -2,8 +2,8 @@
 
 The child (``python -m edge_agent.validation``) loads the chosen variant with ``map_location``, runs the shared
 gate code (``exporters.local_gate.gate_variant``: raw and detection parity on ``golden.npz``, latency against the
-manifest's budget) and checks memory headroom. It runs at a lower CPU priority (``nice``) so that the model
-serving requests keeps the processor, and a model that crashes the interpreter takes only the child with it.
+manifest's budget) and checks memory headroom. It runs at a lower CPU priority (``edge_agent.child``) so that the
+model serving requests keeps the processor, and a model that crashes the interpreter takes only the child with it.
 """
 
 from __future__ import annotations
@@ -12,15 +12,14 @@ import argparse
 import json
 import logging
 import os
-import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 from pydantic import BaseModel
 
-from edge_agent.errors import ValidationFailed, ValidationInterrupted
+from edge_agent.child import log_tail, run_child
+from edge_agent.errors import ValidationFailed
 from exporters.files import atomic_write
 
 log = logging.getLogger(__name__)
@@ -59,30 +58,13 @@ def validate(
     """
     out = bundle_dir / RESULT_FILE
     out.unlink(missing_ok=True)
-    command = [
-        sys.executable, "-m", "edge_agent.validation", str(bundle_dir), variant,
-        "--headroom", str(headroom), "--nice", str(nice), "--out", str(out),
-    ]  # fmt: skip
+    args = [str(bundle_dir), variant, "--headroom", str(headroom), "--nice", str(nice), "--out", str(out)]
     log.info("validating %s in %s (nice %d)", variant, bundle_dir, nice)
     child_log = bundle_dir / "validation.log"
-    deadline = time.monotonic() + timeout_s
-    with child_log.open("wb") as output:
-        child = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
-        try:
-            while child.poll() is None:
-                if stop is not None and stop.wait(0.2):
-                    raise ValidationInterrupted("the agent is stopping")
-                if time.monotonic() > deadline:
-                    raise ValidationFailed(f"validation of {variant} took longer than {timeout_s:.0f} s")
-                if stop is None:
-                    time.sleep(0.2)
-        finally:
-            if child.poll() is None:
-                child.kill()
-                child.wait()
+    code = run_child("edge_agent.validation", args, log_path=child_log, timeout_s=timeout_s, stop=stop,
+                     on_timeout=ValidationFailed, what=f"validation of {variant}")  # fmt: skip
     if not out.is_file():
-        tail = child_log.read_text(errors="replace").strip().splitlines()[-3:]
-        raise ValidationFailed(f"validation of {variant} crashed (exit {child.returncode}): {' | '.join(tail)}")
+        raise ValidationFailed(f"validation of {variant} crashed (exit {code}): {log_tail(child_log)}")
     result = ValidationResult.model_validate_json(out.read_bytes())
     if not result.passed:
         raise ValidationFailed(f"{variant} failed validation on this device: {result.detail}")

@@ -9,6 +9,7 @@ Topology of ``agent_stack``::
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from exporters.signing import generate_keypair
 from yolo_ota.processes import RunningServer
 
 AGENT_MODEL = "agent-line"
+SHADOW_DEFAULTS = {"sample_frames": 16, "time_limit_s": 3}  # the test service's defaults for every rollout
 NAN_AFTER_CALLS = 24  # validation makes 8 golden + 2 warm-up + 5 timed calls in its own process; serving: 3 warm-up
 
 
@@ -137,7 +139,14 @@ def agent_stack(
     service = start_rollout_service(
         tmp_path_factory.mktemp("agent-service"),
         mlflow_url=mlflow_proxy.url,
-        settings={"WATCH_MODELS": AGENT_MODEL, "ALIAS_POLL_INTERVAL_S": "3600", "POLL_INTERVAL_S": "1"},
+        settings={
+            "WATCH_MODELS": AGENT_MODEL,
+            "ALIAS_POLL_INTERVAL_S": "3600",
+            "POLL_INTERVAL_S": "1",
+            # Shadow validation on few frames, soon: 3 warm-up + 16 frames stay under the nan version's
+            # NAN_AFTER_CALLS, so that it still fails in probation as its tests expect.
+            "SHADOW": json.dumps(SHADOW_DEFAULTS),
+        },
     )
     service_proxy = FaultProxy(service.url).start()
     fleet = Fleet(service.url)

@@ -27,6 +27,8 @@ FAST_AGENT_SETTINGS = {
     "PROBATION_MIN_INFERENCES": "10",
     "MEMORY_HEADROOM": "0.02",
     "MIN_FREE_BYTES": "0",
+    # Without traffic, shadow validation waits this long for live frames before the golden data stands in.
+    "SHADOW_TIME_LIMIT_S": "3",
 }
 
 

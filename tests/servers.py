@@ -30,6 +30,8 @@ FAST_SERVICE_SETTINGS = {
     # The session's MLflow also holds other tests' models, some with a production alias: watch only the
     # model the rollout tests promote (the fleet_model fixture's).
     "WATCH_MODELS": "pcb-line",
+    # The fleet analysis needs telemetry from real traffic; the tests that judge it switch it on per rollout.
+    "ANALYSIS": '{"enabled": false}',
 }
 
 

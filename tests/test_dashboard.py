@@ -235,7 +235,12 @@ class _PageWithoutApi(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         name = self.path.split("?")[0].removeprefix("/ui/") or "index.html"
-        kinds = {"index.html": "text/html", "dashboard.js": "text/javascript", "dashboard.css": "text/css"}
+        kinds = {
+            "index.html": "text/html",
+            "dashboard.js": "text/javascript",
+            "analysis.js": "text/javascript",
+            "dashboard.css": "text/css",
+        }
         if not self.path.startswith("/ui/") or name not in kinds:
             self.close_connection = True
             self.connection.shutdown(socket.SHUT_RDWR)
@@ -392,7 +397,11 @@ def test_dashboard_files_are_served_openly_and_nothing_else_is(service: RunningS
         assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
         assert "script-src 'self'" in page.headers["content-security-policy"]
         assert '<script type="module" src="dashboard.js">' in page.text
-        for name, kind in (("dashboard.js", "text/javascript"), ("dashboard.css", "text/css")):
+        for name, kind in (
+            ("dashboard.js", "text/javascript"),
+            ("analysis.js", "text/javascript"),
+            ("dashboard.css", "text/css"),
+        ):
             asset = http.get(f"/ui/{name}")
             assert asset.status_code == 200 and asset.headers["content-type"].startswith(kind)
             assert asset.content == (UI_DIR / name).read_bytes()

@@ -33,6 +33,7 @@ class BundleSummary:
     gates_passed: bool
     variants: dict[str, bool]  # variant -> its gates passed
     fingerprint: Fingerprint
+    class_names: tuple[str, ...] = ()  # by class index; empty when not known (a record from an older service)
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,7 @@ class BundleCatalog:
             gates_passed=record.gates_passed,
             variants={str(k): bool(v) for k, v in record.variants.items()},
             fingerprint=Fingerprint.model_validate(record.fingerprint),
+            class_names=tuple(str(n) for n in record.class_names or ()),
         )
         self._summaries[key] = summary
         return summary
@@ -131,6 +133,7 @@ class BundleCatalog:
                 name: (manifest.gates[name].passed if name in manifest.gates else False) for name in manifest.variants
             },
             fingerprint=manifest.fingerprint,
+            class_names=tuple(manifest.names.get(i, str(i)) for i in range(max(manifest.names, default=-1) + 1)),
         )
         try:
             with transaction(self._sessions) as session:
@@ -142,6 +145,7 @@ class BundleCatalog:
                         gates_passed=summary.gates_passed,
                         variants=summary.variants,
                         fingerprint=manifest.fingerprint.model_dump(mode="json"),
+                        class_names=list(summary.class_names),
                         resolved_at=utcnow(),
                     )
                 )

@@ -17,6 +17,7 @@ UI_DIR = Path(__file__).with_name("ui")
 _ASSETS = {
     "index.html": "text/html; charset=utf-8",
     "dashboard.js": "text/javascript; charset=utf-8",
+    "analysis.js": "text/javascript; charset=utf-8",
     "dashboard.css": "text/css; charset=utf-8",
 }
 # The page runs only its own script and style and talks only to this service; the token never leaves it.

@@ -90,6 +90,7 @@ class DeviceEvent(Base):
     reason: Mapped[str] = mapped_column(sa.Text)
     at: Mapped[datetime]
     received_at: Mapped[datetime]
+    details: Mapped[dict[str, Any] | None]  # the figures of a shadow event
 
 
 class Rollout(Base):
@@ -106,6 +107,8 @@ class Rollout(Base):
     selector_key: Mapped[str] = mapped_column(sa.String(64))  # sha256 of the normalised selector: the device set
     waves: Mapped[list[Any]]
     ab: Mapped[dict[str, Any] | None]
+    analysis: Mapped[dict[str, Any] | None]  # the AnalysisSpec it is judged by (server defaults merged in)
+    shadow: Mapped[dict[str, Any] | None]  # the ShadowSpec its devices get with the desired state
     current_wave: Mapped[int] = mapped_column(default=0)
     wave_started_at: Mapped[datetime | None]
     revision: Mapped[int] = mapped_column(default=0)  # bumped by every transition; compare-and-set guard
@@ -146,7 +149,36 @@ class Telemetry(Base):
     latency_p99_ms: Mapped[float]
     detections_per_image: Mapped[float]
     mean_confidence: Mapped[float]
+    # The bounded form (None for an older agent's window): what the canary analysis compares.
+    frames: Mapped[int | None] = mapped_column(sa.BigInteger)
+    empty_frames: Mapped[int | None] = mapped_column(sa.BigInteger)
+    nonfinite: Mapped[int | None] = mapped_column(sa.BigInteger)
+    histograms: Mapped[dict[str, Any] | None]
+    class_counts: Mapped[dict[str, Any] | None]
     at: Mapped[datetime]
+
+
+class AnalysisRecord(Base):
+    """One stored verdict of a rollout's fleet analysis (a canary wave, or an A/B test)."""
+
+    __tablename__ = "analysis_verdicts"
+    __table_args__ = (sa.Index("ix_analysis_verdicts_rollout", "rollout_id", "id"),)
+
+    id: Mapped[int] = mapped_column(sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True)
+    rollout_id: Mapped[int] = mapped_column(sa.BigInteger)
+    at: Mapped[datetime]
+    wave: Mapped[int]
+    kind: Mapped[str] = mapped_column(sa.String(16))  # canary | ab
+    verdict: Mapped[str] = mapped_column(sa.String(16))
+    score: Mapped[float | None]
+    reason: Mapped[str] = mapped_column(sa.Text)
+    action: Mapped[str] = mapped_column(sa.String(16))
+    winner: Mapped[str | None] = mapped_column(sa.String(16))
+    treatment_version: Mapped[str] = mapped_column(sa.String(32))
+    control_version: Mapped[str | None] = mapped_column(sa.String(32))
+    treatment_windows: Mapped[int]
+    control_windows: Mapped[int]
+    metrics: Mapped[list[Any]]
 
 
 class AuditRecord(Base):
@@ -197,6 +229,7 @@ class BundleRecord(Base):
     gates_passed: Mapped[bool]
     variants: Mapped[dict[str, Any]]  # variant name -> gates passed
     fingerprint: Mapped[dict[str, Any]]
+    class_names: Mapped[list[Any] | None]  # by class index; None: stored before class names were kept
     resolved_at: Mapped[datetime]
 
 

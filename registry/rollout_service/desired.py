@@ -11,6 +11,7 @@ import hashlib
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
@@ -205,7 +206,15 @@ class DesiredIndex:
             signature_url=resolved.signature_url,
             etag=choice.etag,
             poll_interval_s=poll,
+            shadow=self._shadow_of(choice.rollout_id),
         )
+
+    def _shadow_of(self, rollout_id: int | None) -> dict[str, Any]:
+        """The shadow block of the rollout, else the server's default."""
+        for rollout in self.rollouts():
+            if rollout.id == rollout_id and rollout.shadow:
+                return rollout.shadow
+        return self._settings.shadow.model_dump()
 
 
 FALLBACK_VARIANT = "cpu-fp32"

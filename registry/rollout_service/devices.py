@@ -17,18 +17,20 @@ from exporters.fingerprint import Fingerprint
 from registry.rollout_service.bundles import BundleCatalog, variant_to_offer
 from registry.rollout_service.db import Device, DeviceEvent, DeviceOutcome, Telemetry, transaction, utcnow
 from registry.rollout_service.desired import DesiredIndex
-from registry.rollout_service.errors import NotAuthenticatedError, NotFoundError
+from registry.rollout_service.errors import (
+    InvalidRequestError,
+    NotAuthenticatedError,
+    NotFoundError,
+    RolloutServiceError,
+)
 from registry.rollout_service.records import RolloutView, audit, bump_generation
+from registry.rollout_service.report_schemas import DeviceEventIn, DeviceReport, EventState, TelemetryIn
 from registry.rollout_service.schemas import (
     Compatibility,
     DeviceDetail,
     DeviceEnroll,
-    DeviceEventIn,
     DeviceEventPublic,
     DevicePublic,
-    DeviceReport,
-    EventState,
-    TelemetryIn,
 )
 from registry.rollout_service.settings import ServiceSettings
 from registry.rollout_service.targeting import CONTROL, TREATMENT
@@ -154,7 +156,25 @@ class DeviceRegistry:
                 rollout = rollouts.get(event.rollout_id or choice.rollout_id or 0)
                 self._store_event(session, device, event, rollout, now)
             if body.telemetry is not None:
-                session.add(_telemetry_row(device_id, body.telemetry, rollouts.get(choice.rollout_id or 0), now))
+                rollout = rollouts.get(choice.rollout_id or 0)
+                self._check_classes(body.telemetry, rollout)
+                session.add(_telemetry_row(device_id, body.telemetry, rollout, now))
+
+    def _check_classes(self, telemetry: TelemetryIn, rollout: RolloutView | None) -> None:
+        """Every class index of the window is a class of its model version (422 naming the first that is not)."""
+        model = telemetry.model or (rollout.model if rollout else None)
+        if not telemetry.class_counts or model is None:
+            return
+        try:
+            names = self._catalog.summary(model, telemetry.version).class_names
+        except RolloutServiceError:  # a version the registry does not know: nothing to check it against
+            return
+        unknown = sorted(k for k in telemetry.class_counts if k >= len(names)) if names else []
+        if unknown:
+            raise InvalidRequestError(
+                f"telemetry.class_counts.{unknown[0]}: version {telemetry.version} of {model} has "
+                f"{len(names)} classes (0 to {len(names) - 1})"
+            )
 
     def _store_event(
         self, session: Session, device: Device, event: DeviceEventIn, rollout: RolloutView | None, now: datetime
@@ -172,6 +192,7 @@ class DeviceRegistry:
                 reason=event.reason,
                 at=at,
                 received_at=now,
+                details=event.shadow.model_dump(mode="json") if event.shadow else None,
             )
         )
         device.state = event.state.value
@@ -261,6 +282,7 @@ class DeviceRegistry:
                     ok=e.ok,
                     reason=e.reason,
                     at=e.at,
+                    shadow=e.details,
                 )
                 for e in events
             ],
@@ -301,6 +323,11 @@ def _telemetry_row(device_id: str, t: TelemetryIn, rollout: RolloutView | None, 
         latency_p99_ms=t.latency_ms.p99,
         detections_per_image=t.detections_per_image,
         mean_confidence=t.mean_confidence,
+        frames=t.frames,
+        empty_frames=t.empty_frames,
+        nonfinite=t.nonfinite,
+        histograms=t.histograms.model_dump() if t.histograms else None,
+        class_counts={str(k): v for k, v in t.class_counts.items()} if t.class_counts is not None else None,
         at=now,
     )
 

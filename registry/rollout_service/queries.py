@@ -9,6 +9,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
+from registry.rollout_service.analysis.public import AnalysisReport
 from registry.rollout_service.db import AuditRecord, Promotion
 from registry.rollout_service.progress import arm_telemetry, wave_progress
 from registry.rollout_service.records import RolloutView
@@ -62,7 +63,12 @@ class Queries:
             incompatible_reasons=dict(progress.skipped),
             wave_progress=wave_progress(rollout, progress, halted),
             arms=arms if rollout.strategy == "ab" or rollout.control_version else arms[:1],
+            analysis=self._rollouts.analysis.latest(rollout.id),
         )
+
+    def analysis(self, rollout_id: int, *, limit: int) -> AnalysisReport:
+        """The fleet analysis of a rollout: its spec and stored verdicts, newest first."""
+        return self._rollouts.analysis.report(self._rollouts.get(rollout_id), limit=limit)
 
     def telemetry(self, rollout_id: int, *, limit: int) -> RolloutTelemetryPublic:
         """The newest ``limit`` telemetry windows of each of the rollout's arms."""

@@ -81,6 +81,8 @@ class RolloutView:
     selector_key: str
     waves: list[dict[str, Any]]
     ab: dict[str, Any] | None
+    analysis: dict[str, Any] | None
+    shadow: dict[str, Any] | None
     current_wave: int
     wave_started_at: datetime | None
     revision: int
@@ -102,6 +104,8 @@ class RolloutView:
             selector_key=row.selector_key,
             waves=[dict(w) for w in row.waves],
             ab=dict(row.ab) if row.ab else None,
+            analysis=dict(row.analysis) if row.analysis else None,
+            shadow=dict(row.shadow) if row.shadow else None,
             current_wave=row.current_wave,
             wave_started_at=row.wave_started_at,
             revision=row.revision,

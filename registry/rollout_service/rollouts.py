@@ -15,6 +15,7 @@ from datetime import datetime, timedelta
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
+from registry.rollout_service.analysis.fleet import FleetAnalysis, consequence, rollout_specs
 from registry.rollout_service.assignment import selector_key
 from registry.rollout_service.bundles import BundleCatalog
 from registry.rollout_service.db import Rollout, transaction, utcnow
@@ -34,6 +35,8 @@ _CONTROLS: dict[str, tuple[frozenset[RolloutState], RolloutState]] = {
     "rollback": (ACTIVE_STATES | {RolloutState.completed, RolloutState.aborted}, RolloutState.rolled_back),
 }
 CONTROL_ACTIONS = tuple(_CONTROLS)
+# scheduler decisions that stop a rollout -> the state they lead to
+_STOPS = {"halt": RolloutState.halted, "rollback": RolloutState.rolled_back, "pause": RolloutState.paused}
 
 
 @dataclass(frozen=True)
@@ -52,12 +55,14 @@ class RolloutManager:
         settings: ServiceSettings,
         fleet: Callable[[], list[DeviceView]],
         on_change: Callable[[], None] = lambda: None,
+        analysis: FleetAnalysis | None = None,
     ) -> None:
         self._sessions = sessions
         self._catalog = catalog
         self._settings = settings
         self._fleet = fleet  # every enrolled device, cached per state generation
         self._on_change = on_change  # called after every committed change, so this replica's caches follow at once
+        self.analysis = analysis or FleetAnalysis(sessions, catalog, settings.analysis, tagger=None)
 
     # -- reading ---------------------------------------------------------------------------------------------
 
@@ -139,6 +144,7 @@ class RolloutManager:
 
     def _new_row(self, session: Session, body: RolloutCreate, key: str, *, actor: str, now: datetime) -> Rollout:
         """The running rollout ``body`` asks for, at its first wave from ``now``."""
+        analysis, shadow = rollout_specs(self._settings.analysis, self._settings.shadow, body.analysis, body.shadow)
         return Rollout(
             model=body.model,
             version=body.version,
@@ -149,6 +155,8 @@ class RolloutManager:
             selector_key=key,
             waves=[w.model_dump() for w in self._waves(body)],
             ab=body.ab.model_dump() if body.ab else None,
+            analysis=analysis,
+            shadow=shadow,
             current_wave=0,
             wave_started_at=now,
             revision=0,
@@ -255,11 +263,13 @@ class RolloutManager:
         with self._sessions() as session:
             progress = self.progress(session, rollout)
         decision = decide(rollout, progress, now=now)
+        if decision.action != "halt" and self.analysis.applies(rollout):
+            decision = self._judged(rollout, decision, now)
         if decision.action == "wait":
             return 0
-        if decision.action == "halt":
+        if decision.action in _STOPS:
             done = self._transition(
-                rollout, RolloutState.halted, actor="scheduler", action="halt", reason=decision.reason
+                rollout, _STOPS[decision.action], actor="scheduler", action=decision.action, reason=decision.reason
             )
         elif decision.action == "advance":
             done = self._transition(
@@ -276,6 +286,18 @@ class RolloutManager:
                 rollout, RolloutState.completed, actor="scheduler", action="complete", reason=decision.reason
             )
         return int(done)
+
+    def _judged(self, rollout: RolloutView, planned: Decision, now: datetime) -> Decision:
+        """``planned`` (from the device thresholds) as the fleet analysis lets it happen; evaluated at the spec's
+        interval while baking, and always when the wave would move on."""
+        if planned.action == "wait" and not self.analysis.due(rollout, now):
+            return planned
+        judgement = self.analysis.judge(rollout)
+        action = consequence(rollout, judgement, self.analysis.spec_of(rollout), planned.action, now=now)
+        self.analysis.store(rollout, judgement, action, now)
+        if action == planned.action:
+            return Decision(action, f"{planned.reason}; analysis {judgement.reason}")
+        return Decision(action, f"analysis of wave {rollout.current_wave + 1}: {judgement.reason}")
 
 
 def _supersede(session: Session, old: Rollout, *, by: Rollout, actor: str, now: datetime) -> None:

@@ -10,6 +10,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 from exporters.fingerprint import Fingerprint, major_minor
+from registry.rollout_service.analysis.public import AnalysisPublic
 
 DeviceId = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")]
 ModelName = Annotated[str, StringConstraints(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f]+$")]
@@ -83,60 +84,9 @@ class DesiredState(BaseModel):
     signature_url: str | None
     etag: str
     poll_interval_s: int
-
-
-class EventState(StrEnum):
-    idle = "idle"
-    downloading = "downloading"
-    verifying = "verifying"
-    validating = "validating"
-    swapping = "swapping"
-    probation = "probation"
-    committed = "committed"
-    rolling_back = "rolling_back"
-    rolled_back = "rolled_back"
-    failed = "failed"
-
-
-class DeviceEventIn(_Body):
-    state: EventState
-    version: VersionText | None = None
-    model: ModelName | None = None
-    rollout_id: int | None = Field(default=None, ge=1, le=2**62)
-    ok: bool = True
-    reason: ShortText = ""
-    at: datetime | None = None
-
-
-class LatencyFigures(_Body):
-    p50: float = Field(ge=0, le=1e7)
-    p99: float = Field(ge=0, le=1e7)
-
-
-class TelemetryIn(_Body):
-    version: VersionText
-    model: ModelName | None = None
-    inferences: int = Field(ge=0, le=2**40)
-    errors: int = Field(ge=0, le=2**40)
-    latency_ms: LatencyFigures
-    detections_per_image: float = Field(ge=0, le=1e6)
-    mean_confidence: float = Field(ge=0, le=1)
-
-    @model_validator(mode="after")
-    def _errors_fit(self) -> TelemetryIn:
-        if self.errors > self.inferences:
-            raise ValueError("errors cannot exceed inferences")
-        return self
-
-
-class DeviceReport(_Body):
-    events: list[DeviceEventIn] = Field(default_factory=list, max_length=500)
-    telemetry: TelemetryIn | None = None
-
-
-class ReportAccepted(BaseModel):
-    events: int
-    telemetry: bool
+    shadow: dict[str, Any] | None = Field(
+        default=None, description="how the device compares the candidate with the serving model on its own frames"
+    )
 
 
 class DeviceEventPublic(BaseModel):
@@ -147,6 +97,7 @@ class DeviceEventPublic(BaseModel):
     ok: bool
     reason: str
     at: datetime
+    shadow: dict[str, Any] | None = None  # a shadow event's figures (the candidate against the serving model)
 
 
 class Compatibility(BaseModel):
@@ -217,6 +168,7 @@ class Selector(_Body):
 class AbSpec(_Body):
     control_version: VersionText
     split: float = Field(gt=0, lt=1, description="share of the targeted devices that get the treatment version")
+    auto_complete: bool = Field(default=False, description="end the test on the winner once the analysis names one")
 
 
 class RolloutCreate(_Body):
@@ -231,6 +183,12 @@ class RolloutCreate(_Body):
     )
     supersede: bool = Field(default=False, description="end an active rollout of this model for the same devices")
     reason: ShortText = ""
+    analysis: dict[str, Any] | None = Field(
+        default=None, description="AnalysisSpec fields that replace the server's defaults (docs/analysis.md)"
+    )
+    shadow: dict[str, Any] | None = Field(
+        default=None, description="ShadowSpec fields that replace the server's defaults (docs/edge-agent.md)"
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> RolloutCreate:
@@ -305,6 +263,7 @@ class RolloutDetail(RolloutPublic):
     incompatible_reasons: dict[str, int]
     wave_progress: list[WaveProgress]
     arms: list[ArmTelemetry]
+    analysis: AnalysisPublic | None = None  # the latest verdict of the fleet analysis
 
 
 class RolloutList(BaseModel):

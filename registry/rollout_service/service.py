@@ -12,6 +12,7 @@ import sqlalchemy as sa
 
 from registry.mlflow_gateway import MlflowGateway
 from registry.resolver import BundleResolver
+from registry.rollout_service.analysis.fleet import FleetAnalysis, Tagger
 from registry.rollout_service.auth import OperatorTokens
 from registry.rollout_service.bundles import BundleCatalog
 from registry.rollout_service.db import make_engine, migrate, session_factory
@@ -48,7 +49,10 @@ def build_service(settings: ServiceSettings) -> Service:
     resolver_factory, gateway_factory = _mlflow_factories(settings)
     catalog = BundleCatalog(sessions, resolver_factory, ttl_s=settings.bundle_cache_ttl_s)
     desired = DesiredIndex(sessions, catalog, settings)
-    rollouts = RolloutManager(sessions, catalog, settings, fleet=desired.fleet, on_change=desired.invalidate)
+    analysis = FleetAnalysis(sessions, catalog, settings.analysis, tagger=_fleet_tagger(gateway_factory))
+    rollouts = RolloutManager(
+        sessions, catalog, settings, fleet=desired.fleet, on_change=desired.invalidate, analysis=analysis
+    )
     operators = OperatorTokens(sessions)
     operators.install(settings.operator_token_list)
     return Service(
@@ -90,3 +94,18 @@ def _mlflow_factories(
         return gateways[0]
 
     return resolver_factory, gateway_factory
+
+
+def _fleet_tagger(gateway_factory: Callable[[], MlflowGateway] | None) -> Tagger | None:
+    """Writes a version's ``ota.fleet.*`` tags through the MLflow gateway (none without MLflow)."""
+    if gateway_factory is None:
+        return None
+
+    factory = gateway_factory
+
+    def tag(model: str, version: str, tags: dict[str, str]) -> None:
+        gateway = factory()
+        for key, value in tags.items():
+            gateway.set_version_tag(model, version, key, value)
+
+    return tag

@@ -16,6 +16,7 @@ from typing import Any
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from registry.rollout_service.analysis.spec import AnalysisSpec, ShadowSpec
 from registry.rollout_service.errors import ServiceSettingsError
 from registry.rollout_service.schemas import WaveSpec
 from yolo_ota.config import CONFIG_FILE_ENV, LayeredSettings, build, read_config
@@ -74,6 +75,8 @@ class ServiceSettings(LayeredSettings):
     heartbeat_flush_s: float = Field(default=5.0, gt=0)
     default_waves: list[WaveSpec] = Field(default_factory=lambda: list(DEFAULT_WAVES))
     variant_preference: str = "cuda-fp16,cuda-fp32,cpu-fp32"
+    analysis: AnalysisSpec = Field(default_factory=AnalysisSpec)  # defaults of a rollout's analysis block
+    shadow: ShadowSpec = Field(default_factory=ShadowSpec)  # defaults of a rollout's shadow block
     s3_endpoint_url: str | None = None  # for presigned URLs when bundles live in S3 and MLflow does not proxy them
 
     @field_validator("default_waves")

@@ -16,17 +16,17 @@ def demo(
         typer.Option(help="An empty folder to keep logs, databases and bundles in; default: a temporary one, removed."),
     ] = None,
     devices: Annotated[int, typer.Option(min=2, max=16, help="Agent processes in the fleet.")] = 4,
-    imgsz: Annotated[int, typer.Option(min=64, max=1280, help="Input size of the exported models.")] = 160,
-    model_v1: Annotated[str, typer.Option(help="YOLO config or weights of v1.")] = "yolov8n.yaml",
-    model_v2: Annotated[
-        str, typer.Option(help="YOLO config or weights of v2 (v3 is v2 with a fault).")
-    ] = "yolo11n.yaml",
+    imgsz: Annotated[
+        int, typer.Option(min=64, max=640, help="Input size of the exported models (trained at 160).")
+    ] = 160,
     keep_running: Annotated[
         bool, typer.Option(help="Leave the stack up after the story, until Ctrl-C, to explore it.")
     ] = False,
 ) -> None:
-    """Run the whole loop on this machine: MLflow, the rollout service and a fleet of agents; v1 to all, v2 by
-    canary, an A/B test, and a v3 that fails on the devices and is rolled back. Exit 1 if a claim did not hold."""
+    """Run the whole loop on this machine: MLflow, the rollout service and a fleet of agents, with detectors
+    trained on synthetic PCB scenes (once; then cached): v1 to all, v2 by canary with fleet analysis, an A/B test
+    with a computed winner, a v3 that misses a class (refused by shadow validation) and a slower v4 (halted by
+    the fleet analysis). Exit 1 if a claim did not hold."""
     import signal
 
     from exporters.errors import ExportError
@@ -38,9 +38,7 @@ def demo(
         raise KeyboardInterrupt  # the same clean stop as Ctrl-C
 
     signal.signal(signal.SIGTERM, interrupt)
-    options = DemoOptions(
-        data_dir=data_dir, devices=devices, imgsz=imgsz, model_v1=model_v1, model_v2=model_v2, keep_running=keep_running
-    )
+    options = DemoOptions(data_dir=data_dir, devices=devices, imgsz=imgsz, keep_running=keep_running)
     try:
         code = Demo(options, console).run()
     except (DemoError, ExportError, RegistryError) as exc:

@@ -55,6 +55,10 @@ class Operator:
     def audit(self, rollout_id: int) -> list[Json]:
         return list(self.get("/v1/audit", rollout_id=rollout_id)["entries"])
 
+    def analysis(self, rollout_id: int) -> Json:
+        """``GET /v1/rollouts/{id}/analysis``: the spec, the latest verdict and the history, newest first."""
+        return dict(self.get(f"/v1/rollouts/{rollout_id}/analysis"))
+
 
 def wave_text(rollout: Json) -> str:
     """``wave 2/3 (50 %): 2 devices, 1 ok, 0 failed`` for the rollout's current wave."""
@@ -73,6 +77,8 @@ class FleetWatch:
         self._check_alive = check_alive
         self._seen_devices: dict[str, tuple[Any, ...]] = {}
         self._seen_rollouts: dict[int, tuple[Any, ...]] = {}
+        # Every version each device was seen serving (committed or on probation), from the first poll on.
+        self.served: dict[str, set[str]] = {}
 
     def until(
         self,
@@ -100,6 +106,8 @@ class FleetWatch:
 
     def _report(self, devices: dict[str, Json], rollout: Json | None) -> None:
         for device_id, device in sorted(devices.items()):
+            if device["current_version"]:
+                self.served.setdefault(device_id, set()).add(str(device["current_version"]))
             key = (device["state"], device["current_version"])
             if self._seen_devices.get(device_id) != key:
                 self._seen_devices[device_id] = key

@@ -19,6 +19,19 @@ from yolo_ota.servers import ServiceTokens, launch_agent, launch_mlflow, start_s
 
 LINES = ("line-a", "line-b")
 
+# The server's default analysis block, which the canary that a promotion in MLflow starts gets (v2's): a small
+# minimum sample, evaluated every second, so that a wave is judged within seconds of traffic. Its both-ways bands
+# on detection rates are wide (90 %) because v2, trained further, finds far more parts than v1; a class that
+# vanishes (-100 %) still fails. Rollouts the demo posts itself carry their own blocks.
+DEMO_ANALYSIS = {
+    "min_windows": 6,
+    "interval_s": 1,
+    "bands": {"class_rate": 0.9, "detections_per_image": 0.9},
+    "inconclusive_timeout_s": 120,
+}
+# Shadow validation decides on 24 sampled live frames, judging a class from 10 detections.
+DEMO_SHADOW = {"min_class_samples": 10, "sample_frames": 24, "time_limit_s": 30}
+
 # Seconds, not the minutes a factory would use, so that a whole canary fits in the demo.
 SERVICE_SETTINGS = {
     "SCHEDULER_INTERVAL_S": "0.5",
@@ -26,11 +39,13 @@ SERVICE_SETTINGS = {
     "STATE_CHECK_INTERVAL_S": "0.2",
     "HEARTBEAT_FLUSH_S": "1",
     "POLL_INTERVAL_S": "1",
+    "ANALYSIS": json.dumps(DEMO_ANALYSIS),
+    "SHADOW": json.dumps(DEMO_SHADOW),
 }
 AGENT_SETTINGS = {
     "POLL_JITTER": "0.2",
     "BACKOFF_MAX_S": "3",
-    "REPORT_INTERVAL_S": "2",
+    "REPORT_INTERVAL_S": "1",  # one telemetry window a second: the analysis's minimum sample in seconds
     "PROBATION_S": "4",
     "PROBATION_INFERENCES": "30",
     "PROBATION_MIN_INFERENCES": "8",

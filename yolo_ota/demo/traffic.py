@@ -1,4 +1,5 @@
-"""Traffic for the fleet: one thread per device posting line images to its local ``/v1/detect``.
+"""Traffic for the fleet: one thread per device posting images of the line (held-out synthetic scenes) to its
+local ``/v1/detect``.
 
 It stands in for the cameras on the line: probation needs inferences to judge, A/B arms need telemetry, and the
 counts show whether any request failed while versions were swapped under it.

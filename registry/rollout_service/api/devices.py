@@ -11,6 +11,7 @@ from registry.rollout_service.api.deps import CurrentDevice, CurrentOperator, Se
 from registry.rollout_service.api.problems import V1_RESPONSES
 from registry.rollout_service.auth import bearer, check_device
 from registry.rollout_service.errors import InvalidRequestError
+from registry.rollout_service.report_schemas import DeviceReport, ReportAccepted
 from registry.rollout_service.schemas import (
     DesiredState,
     DeviceDetail,
@@ -18,8 +19,6 @@ from registry.rollout_service.schemas import (
     DeviceEnrolled,
     DeviceId,
     DeviceList,
-    DeviceReport,
-    ReportAccepted,
     VersionText,
 )
 

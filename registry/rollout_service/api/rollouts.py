@@ -6,6 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
+from registry.rollout_service.analysis.public import AnalysisReport
 from registry.rollout_service.api.deps import CurrentOperator, RolloutId, ServiceDep
 from registry.rollout_service.api.problems import V1_RESPONSES
 from registry.rollout_service.rollouts import CONTROL_ACTIONS
@@ -50,6 +51,16 @@ def rollout_telemetry(
     limit: Annotated[int, Query(ge=1, le=1000, description="windows per arm, newest first")] = 200,
 ) -> RolloutTelemetryPublic:
     return service.queries.telemetry(rollout_id, limit=limit)
+
+
+@router.get("/rollouts/{rollout_id}/analysis")
+def rollout_analysis(
+    operator: CurrentOperator,
+    service: ServiceDep,
+    rollout_id: RolloutId,
+    limit: Annotated[int, Query(ge=1, le=1000, description="stored verdicts, newest first")] = 50,
+) -> AnalysisReport:
+    return service.queries.analysis(rollout_id, limit=limit)
 
 
 def _control_route(action: str) -> None:

@@ -1,6 +1,8 @@
 // The fleet dashboard. It reads the rollout service's /v1 REST API with an operator token and redraws itself
 // every few seconds. No build step and no dependencies: every value reaches the page through the escaping `html`
-// template tag, and the charts are SVG drawn below.
+// template tag, and the charts are SVG drawn below. The fleet analysis view is in analysis.js.
+
+import { analysisBadge, analysisSection } from "./analysis.js";
 
 const REFRESH_MS = 3000;
 const TOKEN_KEY = "yolo-ota.operator-token";
@@ -194,7 +196,7 @@ function rolloutRow(rollout, shown) {
     <td>${rollout.model}</td>
     <td>${versions(rollout)}</td>
     <td>${rollout.strategy}${rollout.strategy === "ab" ? abButton(rollout, shown) : ""}</td>
-    <td>${badge(rollout.state)}${currentWave(rollout)}</td>
+    <td>${badge(rollout.state)}${currentWave(rollout)}${analysisBadge(rollout, KIT)}</td>
     <td class="progress">${progress(rollout)}</td>
     <td>${targeting(rollout)}</td>
     <td>${stamp(rollout.created_at)}<div class="muted">${rollout.created_by}</div></td>
@@ -460,12 +462,22 @@ function bar(arm, value, axis, y, format) {
     ${label(end + 5, y + 4, format(value), { cls: "value" })}`;
 }
 
+// -- the fleet analysis (analysis.js) ----------------------------------------------------------------------------
+
+const KIT = { html, stamp, colours: ARM_COLOURS };
+
+/** The newest of the shown rollouts that has a stored verdict. */
+function analysed(rollouts) {
+  return rollouts.find((rollout) => rollout.analysis) ?? null;
+}
+
 // -- the page -----------------------------------------------------------------------------------------------------
 
 function render(snapshot) {
   put("#devices-body", devicesTable(snapshot.devices, snapshot.at));
   put("#rollouts-body", rolloutsTable(snapshot.rollouts, snapshot.ab?.id));
   put("#ab-body", abSection(snapshot.ab, snapshot.telemetry));
+  put("#analysis-body", analysisSection(analysed(snapshot.rollouts), KIT));
   $("#devices-title").textContent = `Devices (${snapshot.totalDevices})`;
   const shown = snapshot.rollouts.length;
   $("#rollouts-title").textContent = shown < ROLLOUTS_SHOWN ? `Rollouts (${shown})` : `Rollouts (newest ${shown})`;
@@ -502,7 +514,7 @@ function askForToken(message = "") {
   view.token = null;
   view.lastGood = null;
   clearTimeout(view.timer);
-  for (const body of ["#devices-body", "#rollouts-body", "#ab-body"]) $(body).textContent = "";
+  for (const body of ["#devices-body", "#rollouts-body", "#ab-body", "#analysis-body"]) $(body).textContent = "";
   $("#dashboard").hidden = true;
   $("#forget-token").hidden = true;
   $("#token-form").hidden = false;
