@@ -173,8 +173,20 @@ def _setting_variables() -> set[str]:
 
 
 _SERVICE_WITHOUT_TORCH = """
-import json, sys
-sys.modules["torch"] = None  # `import torch` raises ImportError, as in the server image, which has no torch
+import importlib.abc, json, sys
+
+
+class _NoTorch(importlib.abc.MetaPathFinder):
+    # `import torch` raises ModuleNotFoundError, as in the server image, which has no torch. (Not a None entry in
+    # sys.modules: libraries such as scipy look there for a torch module and would trip over the None.)
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+
+sys.meta_path.insert(0, _NoTorch())
 from registry.rollout_service.app import create_app
 from registry.rollout_service.settings import ServiceSettings
 import registry.mlflow_gateway  # what the webhook registration and the alias poll use

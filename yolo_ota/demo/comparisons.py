@@ -10,6 +10,9 @@ from yolo_ota.demo.tables import analysis_table, arms_table
 # Tighter than the canary's bands (stack.DEMO_ANALYSIS): an A/B test asks which arm is better, so a class rate
 # that moves by more than 10 % counts for the arm that finds more.
 AB_ANALYSIS: Json = {"min_windows": 8, "interval_s": 1, "bands": {"class_rate": 0.1, "detections_per_image": 0.1}}
+# The control arm goes back to a version the fleet already ran; comparing the two is the A/B test's own job, so
+# its devices do not also gate the swap on shadow validation (v1 would fail it against v2: it finds less).
+AB_SHADOW: Json = {"enabled": False}
 
 
 def _deciding(report: Json, kind: str) -> Json | None:
@@ -49,7 +52,7 @@ def ab_test(ctx: StoryContext) -> None:
     body = {
         "model": ctx.model, "version": v2, "strategy": "ab",
         "ab": {"control_version": v1, "split": 0.5, "auto_complete": True},
-        "analysis": AB_ANALYSIS, "reason": "A/B: v2 against v1 on live traffic",
+        "analysis": AB_ANALYSIS, "shadow": AB_SHADOW, "reason": "A/B: v2 against v1 on live traffic",
     }  # fmt: skip
     ab = ctx.operator.post("/v1/rollouts", body)
     ctx.say(f"rollout {ab['id']}: A/B, split 50/50, auto_complete; analysis block {AB_ANALYSIS}")

@@ -36,7 +36,8 @@ export function analysisBadge(rollout, kit) {
   const a = rollout.analysis;
   if (!a) return "";
   const score = a.score === null ? "" : ` ${a.score.toFixed(0)}`;
-  return kit.html`<div class="muted" data-analysis="${a.verdict}">analysis ${verdictBadge(a.verdict, kit)}${score}</div>`;
+  return kit.html`<div class="muted" data-analysis="${a.verdict}">analysis ${verdictBadge(a.verdict, kit)}${score}
+    </div>`;
 }
 
 function verdictBadge(verdict, { html }) {
@@ -46,7 +47,8 @@ function verdictBadge(verdict, { html }) {
 function summary(a, kit) {
   const { html } = kit;
   const winner = a.kind === "ab"
-    ? html`<div data-field="winner"><dt>Winner</dt><dd>${a.winner ? `${a.winner} v${armVersion(a, a.winner)}` : "none yet"}</dd></div>`
+    ? html`<div data-field="winner"><dt>Winner</dt>
+      <dd>${a.winner ? `${a.winner} v${armVersion(a, a.winner)}` : "none yet"}</dd></div>`
     : "";
   return html`<dl class="verdict-summary">
     <div data-field="verdict"><dt>Verdict</dt><dd>${verdictBadge(a.verdict, kit)}</dd></div>
@@ -151,5 +153,6 @@ function histRow(arm, values, y, top, { html, colours }) {
       y="${(y + HIST.height - h).toFixed(1)}" width="${Math.max(1, step - HIST.gap).toFixed(1)}"
       height="${h.toFixed(1)}" fill="${colours[arm]}"/>`;
   });
-  return html`<line class="hist-base" x1="0" x2="${HIST.width}" y1="${y + HIST.height}" y2="${y + HIST.height}"/>${bars}`;
+  const base = y + HIST.height;
+  return html`<line class="hist-base" x1="0" x2="${HIST.width}" y1="${base}" y2="${base}"/>${bars}`;
 }
