@@ -264,26 +264,11 @@ def train_synthetic_detector(
     with integrations_off(), _quiet_ultralytics():
         yolo = YOLO(str(weights) if weights is not None else config)
         yolo.train(
-            data=str(data_yaml),
-            epochs=epochs,
-            imgsz=imgsz,
-            batch=batch,
-            optimizer=optimizer,
-            lr0=lr0,
-            workers=0,
-            device="cpu",
-            amp=False,
-            plots=False,
-            val=False,
-            seed=seed,
-            warmup_epochs=warmup_epochs,
-            save_period=1 if snapshot_epochs else -1,
-            deterministic=True,
-            project=str(work_dir / "runs"),
-            name="synthetic",
-            exist_ok=True,
-            verbose=False,
-        )
+            data=str(data_yaml), epochs=epochs, imgsz=imgsz, batch=batch, optimizer=optimizer, lr0=lr0,
+            warmup_epochs=warmup_epochs, seed=seed, save_period=1 if snapshot_epochs else -1, workers=0,
+            device="cpu", amp=False, plots=False, val=False, deterministic=True, project=str(work_dir / "runs"),
+            name="synthetic", exist_ok=True, verbose=False,
+        )  # fmt: skip
     trained = work_dir / "runs" / "synthetic" / "weights" / "last.pt"
     if not trained.is_file():
         raise ModelError(f"training finished without writing {trained}")

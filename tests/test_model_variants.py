@@ -104,8 +104,9 @@ def test_slow_down_keeps_the_outputs_and_costs_time(
 def test_training_continues_from_given_weights_and_keeps_snapshots(trained_detector: Path, tmp_path: Path) -> None:
     from exporters.yolo import snapshot_path, train_synthetic_detector
 
+    # 64 images in batches of 16: Ultralytics steps its optimizer every 64 images, so once per epoch.
     further = train_synthetic_detector(
-        tmp_path, weights=trained_detector, epochs=2, train_images=16, seed=7, snapshot_epochs=(1,)
+        tmp_path, weights=trained_detector, epochs=2, train_images=64, seed=7, snapshot_epochs=(1,)
     )
     detectors = [load_detector(str(w)) for w in (trained_detector, snapshot_path(tmp_path, 1), further)]
     start, middle, end = (d.yolo.model.state_dict() for d in detectors)

@@ -13,9 +13,11 @@ from exporters.export import ExportRequest, ExportResult, export_bundle
 from yolo_ota.errors import DemoError
 
 VARIANTS = ("cpu-fp32",)  # the demo's fleet runs on the CPU
-# The p99 a device's validation allows: generous for four agents sharing two cores, so that v4 (slower by tens of
-# milliseconds) passes every device's own check and only the fleet analysis, against the other devices, sees it.
-LATENCY_BUDGET_MS = 400.0
+# The p99 a device's validation allows. Far above any inference time here, because the demo's machine is shared
+# by four agents, their validations and the exports (a p99 over two seconds was measured on a loaded two-core
+# machine); so v4, slower by tens of milliseconds, passes every device's own check, and only the fleet analysis,
+# which compares it with the other devices in the same minutes, sees it.
+LATENCY_BUDGET_MS = 5000.0
 GOLDEN_SEED = 1234  # synthetic golden scenes: parity then compares real detections, not empty sets
 
 
