@@ -129,7 +129,8 @@ class Histograms(_Sent):
 
 
 class ReportTelemetry(_Sent):
-    """One window of one version. The counts after ``mean_confidence`` are sent by agents since issue 13."""
+    """One window of one version. The counts after ``mean_confidence`` are the bounded form; the service also
+    accepts windows without them, from older agents."""
 
     version: str
     model: str | None = None

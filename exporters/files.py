@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 TEMPORARY_SUFFIX = ".tmp"
@@ -19,19 +20,28 @@ def atomic_write(path: Path, data: bytes | str, *, mode: int = 0o644) -> Path:
     ``mode`` is set before any byte is written, so a secret (``0o600``) is never readable by others, even briefly.
     The temporary file is named ``.<name>.<random>.tmp``; one left by a kill is ignored by readers of ``path``.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = data.encode() if isinstance(data, str) else data
-    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX, dir=path.parent)
+    with atomic_output(path, mode=mode) as temporary, temporary.open("wb") as handle:
+        handle.write(payload)
+    return path
+
+
+@contextlib.contextmanager
+def atomic_output(path: Path, *, mode: int = 0o644) -> Iterator[Path]:
+    """A temporary file beside ``path`` for a writer that fills it itself (a library's ``save(filename)``); on
+    leaving the block it replaces ``path`` (``commit_file``), and on an error it is removed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX, dir=path.parent)
+    temporary = Path(name)
     try:
         os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(payload)
-        commit_file(Path(temporary), path)
+        os.close(fd)
+        yield temporary
+        commit_file(temporary, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
+            temporary.unlink()
         raise
-    return path
 
 
 def commit_file(temporary: Path, path: Path) -> Path:

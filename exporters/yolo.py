@@ -12,7 +12,6 @@ import copy
 import hashlib
 import json
 import logging
-import os
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -24,7 +23,7 @@ from typing import Any, Literal
 import torch
 
 from exporters.errors import ExportArgumentError, ModelError, UnsupportedTaskError, one_line
-from exporters.files import TEMPORARY_SUFFIX, commit_file
+from exporters.files import atomic_output
 from exporters.fingerprint import Fingerprint
 from exporters.runtime import load_torchscript, quiet_torchscript
 
@@ -298,15 +297,6 @@ def _keep_snapshots(work_dir: Path, epochs: Sequence[int]) -> None:
 def save_weights(detector: LoadedDetector, out: Path) -> Path:
     """Save the detector's model (as held in memory, e.g. altered by ``exporters.yolo_variants``) as an
     Ultralytics checkpoint that ``YOLO(out)`` and ``load_detector`` read; written atomically."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(prefix=f".{out.name}.", suffix=TEMPORARY_SUFFIX, dir=out.parent)
-    os.close(fd)
-    try:
-        with _quiet_ultralytics():
-            detector.yolo.save(temporary)
-        commit_file(Path(temporary), out)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-        raise
+    with atomic_output(out) as temporary, _quiet_ultralytics():
+        detector.yolo.save(str(temporary))
     return out
