@@ -9,7 +9,6 @@ Topology of ``agent_stack``::
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -36,7 +35,6 @@ from exporters.signing import generate_keypair
 from yolo_ota.processes import RunningServer
 
 AGENT_MODEL = "agent-line"
-SHADOW_DEFAULTS = {"sample_frames": 16, "time_limit_s": 3}  # the test service's defaults for every rollout
 NAN_AFTER_CALLS = 24  # validation makes 8 golden + 2 warm-up + 5 timed calls in its own process; serving: 3 warm-up
 
 
@@ -143,9 +141,6 @@ def agent_stack(
             "WATCH_MODELS": AGENT_MODEL,
             "ALIAS_POLL_INTERVAL_S": "3600",
             "POLL_INTERVAL_S": "1",
-            # Shadow validation on few frames, soon: 3 warm-up + 16 frames stay under the nan version's
-            # NAN_AFTER_CALLS, so that it still fails in probation as its tests expect.
-            "SHADOW": json.dumps(SHADOW_DEFAULTS),
         },
     )
     service_proxy = FaultProxy(service.url).start()

@@ -32,6 +32,9 @@ FAST_SERVICE_SETTINGS = {
     "WATCH_MODELS": "pcb-line",
     # The fleet analysis needs telemetry from real traffic; the tests that judge it switch it on per rollout.
     "ANALYSIS": '{"enabled": false}',
+    # Shadow validation needs live traffic too (without it, each swap waits for frames, then runs the golden data in
+    # a child process): the tests that exercise it switch it on per rollout.
+    "SHADOW": '{"enabled": false}',
 }
 
 

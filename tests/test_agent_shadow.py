@@ -127,7 +127,7 @@ DROPPED_CLASS = 1  # capacitor
 # test's own client; the child runs at nice 10 on one thread).
 LATENCY_FACTOR, LATENCY_SLACK_MS = 1.5, 10.0
 SHADOW_AGENT = {"SHADOW_TIME_LIMIT_S": "30", "SHADOW_SAMPLE_EVERY": "2"}
-SHADOW = {"sample_frames": 48, "time_limit_s": 30}  # the rollouts' shadow block
+SHADOW = {"enabled": True, "sample_frames": 48, "time_limit_s": 30}  # the rollouts' shadow block
 
 
 @pytest.fixture(scope="module")
@@ -292,5 +292,29 @@ def test_an_equivalent_reexport_passes_shadow_without_slowing_requests(
             lambda: [e for e in stack.events(agent.device_id) if e["version"] == reexport and e["state"] == "shadow"],
         )
         assert events[0]["ok"] and "shadow passed" in str(events[0]["reason"]), events
+    finally:
+        agent.stop()
+
+
+@pytest.mark.slow
+def test_without_traffic_the_golden_data_stands_in_and_the_report_says_so(
+    agent_stack: AgentStack, shadow_versions: dict[str, str], tmp_path: Path
+) -> None:
+    stack, base, reexport = agent_stack, shadow_versions["base"], shadow_versions["reexport"]
+    agent = _shadow_agent(stack, tmp_path, "shadow-idle", base)
+    try:
+        # No request reaches this device: after the block's time limit (1 s), both bundles run on the golden data.
+        stack.fleet.create_rollout(model=stack.versions.model, version=reexport, strategy="immediate",
+                                   selector={"labels": {"lane": "shadow-idle"}}, supersede=True,
+                                   shadow={**SHADOW, "time_limit_s": 1})  # fmt: skip
+        status = agent.wait_serving(reexport, timeout_s=UPDATE_TIMEOUT_S)
+        shadow = status["shadow"]
+        assert shadow["version"] == reexport and shadow["source"] == "golden" and shadow["passed"], shadow
+        assert shadow["frames"] > 0 and shadow["matched_serving"] >= 0.95, shadow
+        events = stack.fleet.wait_for(
+            "the shadow event to reach the service",
+            lambda: [e for e in stack.events(agent.device_id) if e["version"] == reexport and e["state"] == "shadow"],
+        )
+        assert events[0]["ok"] and "only 0 live frames" in str(events[0]["reason"]), events
     finally:
         agent.stop()

@@ -147,7 +147,9 @@ def test_error_rate_p_value_is_the_hypergeometric_tail() -> None:
     control = [window(1), window(0)]  # 1 error in 20
     total, errors, drawn = 40, 6, 20  # treatment errors X ~ hypergeometric: P(X >= 5)
     expected = sum(math.comb(errors, k) * math.comb(total - errors, drawn - k) for k in (5, 6)) / math.comb(40, 20)
-    error_rate = metric(analyse(treatment, control, replace_spec(min_windows=2), CLASSES), "error_rate")
+    error_rate = metric(
+        analyse(treatment, control, replace_spec(min_windows=2, min_window_frames=1), CLASSES), "error_rate"
+    )
     assert error_rate.p_value == pytest.approx(expected, rel=1e-9)
     assert error_rate.treatment == 0.25
     assert error_rate.control == 0.05

@@ -75,13 +75,20 @@ class DemoRun:
                     timeout=10,
                 )
             if client is not None:
-                for device in client.get("/v1/devices").json()["devices"]:
-                    timeline = self.timelines.setdefault(device["device_id"], [])
-                    if not timeline or timeline[-1] != device["current_version"]:
-                        timeline.append(device["current_version"])
+                self._record(client)
             time.sleep(0.5)
         if client is not None:
             client.close()
+
+    def _record(self, client: httpx.Client) -> None:
+        try:
+            devices = client.get("/v1/devices").json()["devices"]
+        except httpx.TransportError:
+            return  # the demo is stopping its stack (it failed): the next turn of follow() reports its output
+        for device in devices:
+            timeline = self.timelines.setdefault(device["device_id"], [])
+            if not timeline or timeline[-1] != device["current_version"]:
+                timeline.append(device["current_version"])
 
     def stop(self) -> int:
         if self.process.poll() is None:
@@ -121,7 +128,7 @@ def test_the_demo_holds_every_claim_it_prints(demo: DemoRun) -> None:
     summary = _summary(demo)
     claims = summary["claims"]
     assert f"{len(claims)} of {len(claims)} claims held" in demo.output, demo.output
-    assert all(c["held"] for c in claims) and len(claims) >= 14, claims
+    assert all(c["held"] for c in claims) and len(claims) >= 13, claims
     assert "✗" not in demo.output
     for url in ("MLflow UI:", "Rollout service docs:", "Fleet dashboard:"):
         assert url in demo.output

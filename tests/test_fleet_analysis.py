@@ -29,13 +29,7 @@ from exporters.bundle import read_manifest, write_manifest
 from exporters.drills import set_latency_budget
 from yolo_ota.processes import RunningServer
 
-pytestmark = [
-    pytest.mark.slow,  # four agents under traffic, five rollouts
-    # Not passing yet: the equivalent re-export was judged marginal (capacitor -16 %, p=0.09; confidence PSI 0.13)
-    # on 17 treatment windows of about 2 frames each, taken the moment both devices committed. Skipped, and said so,
-    # until the wave's judgement waits for enough frames per window.
-    pytest.mark.skip(reason="fleet-analysis process scenarios not passing yet: equivalent model judged marginal"),
-]
+pytestmark = pytest.mark.slow  # four agents under traffic, five rollouts
 
 MODEL = "analysis-line"
 LANE = "analysis"
@@ -249,7 +243,9 @@ def test_too_few_windows_is_inconclusive_and_pauses(stack: AnalysisFleet) -> Non
 
 
 def test_equivalent_model_passes_and_the_rollout_completes(stack: AnalysisFleet) -> None:
-    analysis = {"inconclusive_timeout_s": 0, "on_inconclusive": "advance"}
+    # The agents report every 0.3 s, a few frames a window: the analysis joins each device's windows into samples
+    # of 20 frames (min_window_frames) and waits, up to the timeout, for 15 of them per arm.
+    analysis = {"inconclusive_timeout_s": 240, "on_inconclusive": "halt"}
     rollout = stack.canary("same", "base", analysis, bake_s=4)
     rid = rollout["id"]
     ended = stack.wait_end(rid, {"completed", "halted", "paused", "rolled_back"}, timeout_s=300)

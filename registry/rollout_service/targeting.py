@@ -70,7 +70,8 @@ def place(
     if position is None:  # enrolled after the rollout was created
         position = bucket(rollout.id, device.id)
     if rollout.strategy == Strategy.ab:
-        treated = in_treatment(position, float((rollout.ab or {})["split"]))
+        # a completed test ended on its treatment (the winner, with auto_complete): every device takes it
+        treated = rollout.state == RolloutState.completed or in_treatment(position, float((rollout.ab or {})["split"]))
     elif rollout.strategy == Strategy.canary:
         wave = wave_of(position, rollout.percents)
         treated = wave <= rollout.current_wave

@@ -1,7 +1,8 @@
 """The demo's four detectors: real ones, trained on synthetic PCB scenes (``exporters.synthetic``).
 
-- v1: a YOLOv8n trained briefly from scratch;
-- v2: v1 trained further (the same run, on to its end): it finds more parts, with higher confidence;
+- v1: a YOLOv8n trained briefly from scratch: it finds capacitors and solder bridges, not yet the chips;
+- v2: v1 trained further (the same run, on to its end): it finds the chips too, and more of every class, with
+  higher confidence;
 - v3: v2 with one class silenced (``exporters.yolo_variants.drop_class``): it runs, gives no NaN, passes parity
   and latency, and misses every solder bridge;
 - v4: v2 made slower (``slow_down``): the same detections, tens of milliseconds more per image.
@@ -43,7 +44,7 @@ RECIPE: dict[str, Any] = {
     "train_images": 128,
     "seed": 0,
 }
-V1_EPOCHS = 12
+V1_EPOCHS = 9
 LIBRARIES = ("ultralytics", "torch", "numpy", "opencv-python", "opencv-python-headless")
 RECIPE_VERSION = 1  # bump when exporters.synthetic or the training code changes what the recipe produces
 DROPPED_CLASS = CLASS_NAMES.index("solder_bridge")  # the defect class: the miss that matters most on a line

@@ -27,9 +27,9 @@ REGRESSION_WAVES: list[Json] = [
     {"percent": 100, "bake_s": 0, "max_failure_rate": 0.0, "min_success_rate": 1.0},
 ]
 # Small enough to decide within seconds on the demo's traffic (4 frames a second per device).
-SHADOW: Json = {"enabled": True, "min_matched": 0.8, "iou": 0.5, "min_class_samples": 10, "sample_frames": 24,
+SHADOW: Json = {"enabled": True, "min_matched": 0.5, "iou": 0.5, "min_class_samples": 10, "sample_frames": 48,
                 "time_limit_s": 30}  # fmt: skip
-REGRESSION_ANALYSIS: Json = {"min_windows": 6, "interval_s": 1, "on_fail": "rollback"}
+REGRESSION_ANALYSIS: Json = {"min_windows": 6, "min_window_frames": 8, "interval_s": 1, "on_fail": "rollback"}
 SERVING_STATES = ("swapping", "probation", "committed")
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from exporters.export import ExportRequest, ExportResult, export_bundle
+from exporters.gate_report import GateThresholds
 from yolo_ota.errors import DemoError
 
 VARIANTS = ("cpu-fp32",)  # the demo's fleet runs on the CPU
@@ -19,6 +20,9 @@ VARIANTS = ("cpu-fp32",)  # the demo's fleet runs on the CPU
 # which compares it with the other devices in the same minutes, sees it.
 LATENCY_BUDGET_MS = 5000.0
 GOLDEN_SEED = 1234  # synthetic golden scenes: parity then compares real detections, not empty sets
+# Latency is timed over 3 warm-up and 15 timed runs (the defaults: 10 and 50), at export and in each device's
+# validation: the demo's devices validate while sharing two cores, and its p99 budget is far above any run anyway.
+WARMUP_ITERS, TIMED_ITERS = 3, 15
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,7 @@ def export_version(
             name=f"{model}-{label}",
             signing_key=signing_key,
             latency_budget_ms=LATENCY_BUDGET_MS,
+            thresholds=GateThresholds(warmup_iters=WARMUP_ITERS, timed_iters=TIMED_ITERS),
             golden_images=golden,
             force=True,
         ),
@@ -69,6 +74,6 @@ def export_version(
     say(
         f"{label}: gates pass (MSE {gates.raw_parity.mse:.1e}, detections matched "
         f"{gates.detection_parity.matched_fraction_reference:.0%}, p99 {gates.latency.stats[0].p99_ms:.0f} ms of "
-        f"{LATENCY_BUDGET_MS:g}), signed"
+        f"{LATENCY_BUDGET_MS:g}, {TIMED_ITERS} timed runs), signed"
     )
     return Built(label, source, note, out_dir, result)

@@ -7,7 +7,7 @@ Defaults live in the server settings (``[server.analysis]`` / ``[server.shadow]`
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -35,6 +35,8 @@ class OnInconclusive(StrEnum):
     advance = "advance"  # the device-success thresholds alone decide, as without analysis
 
 
+Direction = Literal["increase", "decrease", "both"]
+
 # Metric names; a class's rate is "class_rate:<class name>".
 LATENCY_P99 = "latency_p99"
 DETECTIONS_PER_IMAGE = "detections_per_image"
@@ -60,7 +62,16 @@ class AnalysisSpec(_Body):
     confidence: float = Field(default=0.98, gt=0.5, lt=1, description="of the Mann-Whitney U tests (two-sided)")
     min_windows: int = Field(default=50, ge=2, le=100_000, description="per arm; fewer gives inconclusive")
     max_windows: int = Field(default=5000, ge=10, le=1_000_000, description="per arm; the newest are used")
+    min_window_frames: int = Field(
+        default=20, ge=1, le=100_000,
+        description="a device's consecutive windows are joined until each holds this many inferences (a sample)",
+    )  # fmt: skip
     bands: Bands = Field(default_factory=Bands)
+    directions: dict[str, Direction] = Field(
+        default_factory=dict,
+        description="the change that is bad, per metric family, over the defaults (detections_per_image and "
+        "class_rate: both; latency_p99, error_rate, nan_rate: increase; confidence: decrease)",
+    )
     confidence_psi_marginal: float = Field(default=0.10, gt=0, description="PSI of the confidence histogram")
     confidence_psi_fail: float = Field(default=0.25, gt=0)
     max_error_rate_increase: float = Field(default=0.005, ge=0, le=1, description="absolute, over the control's")
@@ -80,9 +91,10 @@ class AnalysisSpec(_Body):
 
     @model_validator(mode="after")
     def _consistent(self) -> AnalysisSpec:
-        unknown = sorted(set(self.critical) - set(METRIC_FAMILIES))
+        unknown = sorted((set(self.critical) | set(self.directions)) - set(METRIC_FAMILIES))
         if unknown:
-            raise ValueError(f"unknown critical metric(s) {unknown}; known: {', '.join(METRIC_FAMILIES)}")
+            kind = "family" if len(unknown) == 1 else "families"
+            raise ValueError(f"unknown metric {kind} {unknown}; known: {', '.join(METRIC_FAMILIES)}")
         if self.marginal_score > self.pass_score:
             raise ValueError("marginal_score cannot exceed pass_score")
         if self.confidence_psi_marginal > self.confidence_psi_fail:

@@ -142,6 +142,14 @@ def psi(treatment_counts: np.ndarray, control_counts: np.ndarray) -> float:
     return float(np.sum(special.rel_entr(p, q) + special.rel_entr(q, p)))
 
 
+def psi_by_chance(treatment_counts: np.ndarray, control_counts: np.ndarray) -> float:
+    """The PSI two samples of these sizes from one distribution show on average: (buckets used - 1) x (1/n + 1/m),
+    the mean of the chi-square that n m / (n + m) x PSI follows under no difference."""
+    used = int(np.count_nonzero(np.asarray(treatment_counts) + np.asarray(control_counts)))
+    n, m = float(np.sum(treatment_counts)), float(np.sum(control_counts))
+    return max(used - 1, 0) * (1 / n + 1 / m) if n and m else float("inf")
+
+
 def fisher_p(t_events: int, t_total: int, c_events: int, c_total: int, alternative: str) -> float:
     """Fisher's exact p of the treatment's event rate being ``alternative`` ("greater"/"less") than the control's."""
     table = [[t_events, t_total - t_events], [c_events, c_total - c_events]]
@@ -311,13 +319,14 @@ def _confidence(t: Arm, c: Arm, spec: AnalysisSpec) -> Measurement:
     divergence = psi(t.confidence, c.confidence)
     evidence = 2 if divergence >= spec.confidence_psi_fail else 1 if divergence >= spec.confidence_psi_marginal else 0
     shift = int(np.sign(tm - cm)) if evidence else 0
-    judged = min(t_seen, c_seen) >= spec.min_class_detections
+    chance = psi_by_chance(t.confidence, c.confidence)
+    judged = min(t_seen, c_seen) >= spec.min_class_detections and chance <= spec.confidence_psi_marginal / 2
     figures = (
         f"PSI {divergence:.3f}, mean {tm:.3f} vs {cm:.3f} ({_percent(_effect(tm, cm))}; "
         f"marginal/fail at PSI {spec.confidence_psi_marginal:g}/{spec.confidence_psi_fail:g} when lower)"
     )
     if not judged:
-        figures += f"; too few detections to judge ({t_seen} and {c_seen} < {spec.min_class_detections})"
+        figures += f"; too few detections to judge ({t_seen} and {c_seen}: equal models would show PSI {chance:.3f})"
     return Measurement(
         name=CONFIDENCE,
         family=CONFIDENCE,

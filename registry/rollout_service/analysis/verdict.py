@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from registry.rollout_service.analysis.spec import AnalysisSpec, Verdict
 from registry.rollout_service.analysis.stats import Arm, Measurement, Window, measure_all
+from registry.rollout_service.analysis.windows import coalesce
 
 BAD_SHIFTS = {"increase": (1,), "decrease": (-1,), "both": (1, -1)}
 EVIDENCE_VERDICT = {2: Verdict.failed, 1: Verdict.marginal, 0: Verdict.passed}
@@ -63,9 +64,9 @@ class Arms:
 
     @classmethod
     def of(cls, treatment: Sequence[Window], control: Sequence[Window], spec: AnalysisSpec, n_classes: int) -> Arms:
-        # the newest: callers pass windows oldest first (or already capped)
-        t = Arm.of(treatment[-spec.max_windows :], n_classes)
-        c = Arm.of(control[-spec.max_windows :], n_classes)
+        # joined into samples of min_window_frames, then the newest: callers pass windows oldest first
+        t = Arm.of(coalesce(treatment, spec.min_window_frames)[-spec.max_windows :], n_classes)
+        c = Arm.of(coalesce(control, spec.min_window_frames)[-spec.max_windows :], n_classes)
         enough = min(t.windows, c.windows) >= spec.min_windows
         counts = f"treatment {t.windows} of {spec.min_windows} windows, control {c.windows} of {spec.min_windows}"
         return cls(t, c, enough, "" if enough else counts)
@@ -100,9 +101,10 @@ def judge_all(arms: Arms, spec: AnalysisSpec, class_names: Sequence[str]) -> lis
 
 
 def judge(m: Measurement, spec: AnalysisSpec, enough_windows: bool = True) -> MetricResult:
+    direction = spec.directions.get(m.family, m.direction)
     if not (m.judged and enough_windows):
         verdict = Verdict.inconclusive
-    elif m.shift in BAD_SHIFTS[m.direction]:
+    elif m.shift in BAD_SHIFTS[direction]:
         verdict = EVIDENCE_VERDICT[m.evidence]
     else:
         verdict = Verdict.passed
@@ -116,7 +118,7 @@ def judge(m: Measurement, spec: AnalysisSpec, enough_windows: bool = True) -> Me
         effect=m.effect,
         band=m.band,
         p_value=m.p_value,
-        direction=m.direction,
+        direction=direction,
         reason=m.figures,
         treatment_hist=m.treatment_hist,
         control_hist=m.control_hist,

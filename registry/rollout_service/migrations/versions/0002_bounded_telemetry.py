@@ -25,7 +25,7 @@ def upgrade() -> None:
         sa.Column("wave", sa.Integer(), nullable=False),
         sa.Column("kind", sa.String(length=16), nullable=False),
         sa.Column("verdict", sa.String(length=16), nullable=False),
-        sa.Column("score", sa.Float(), nullable=True),
+        sa.Column("score", sa.Double(), nullable=True),
         sa.Column("reason", sa.Text(), nullable=False),
         sa.Column("action", sa.String(length=16), nullable=False),
         sa.Column("winner", sa.String(length=16), nullable=True),

@@ -1,0 +1,68 @@
+"""Windows large enough to be samples: a device's consecutive report windows joined until each holds
+``min_window_frames`` inferences.
+
+The per-window tests (Mann-Whitney U on per-window rates and p99s) treat every window as one sample. A device
+that reports every few seconds, or sees little traffic, sends windows of one or two frames, whose class rates are
+0, 1 or 2 per image: noise that no band absorbs. Joining each device's windows, in the order they arrived, into
+blocks of at least ``min_window_frames`` inferences gives samples that mean something whatever the report
+interval; windows that already hold that many are kept as they are. A device's last, still incomplete block is
+left out until it fills.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from exporters.telemetry_buckets import CONFIDENCE_BUCKETS
+from registry.rollout_service.analysis.stats import Window
+
+
+def coalesce(windows: Sequence[Window], min_frames: int) -> list[Window]:
+    """``windows`` (oldest first) with each device's consecutive windows joined into blocks of at least
+    ``min_frames`` inferences, in the order the blocks completed."""
+    if min_frames <= 1:
+        return list(windows)
+    pending: dict[str, list[Window]] = {}
+    blocks: list[Window] = []
+    for window in windows:
+        parts = pending.setdefault(window.device_id, [])
+        parts.append(window)
+        if sum(p.inferences for p in parts) >= min_frames:
+            blocks.append(parts[0] if len(parts) == 1 else join(parts))
+            pending[window.device_id] = []
+    return blocks
+
+
+def join(parts: Sequence[Window]) -> Window:
+    """One window holding every count of ``parts`` (one device's). Its p99 is the parts' p99s weighted by the
+    frames they answered. The histograms and per-frame rates are kept only when every part has them (new form)."""
+    answered = np.array([p.inferences - p.errors for p in parts], np.float64)
+    p99s = np.array([p.latency_p99_ms for p in parts], np.float64)
+    p99 = float(p99s @ answered / answered.sum()) if answered.sum() > 0 else 0.0
+    counts: dict[int, int] = {}
+    for part in parts:
+        for index, count in part.class_counts.items():
+            counts[index] = counts.get(index, 0) + count
+    new_form = all(len(p.confidence) == CONFIDENCE_BUCKETS for p in parts)
+    return Window(
+        device_id=parts[0].device_id,
+        inferences=sum(p.inferences for p in parts),
+        errors=sum(p.errors for p in parts),
+        nonfinite=sum(p.nonfinite for p in parts),
+        frames=sum(p.frames for p in parts) if new_form else 0,
+        latency_p99_ms=p99,
+        detections=sum(p.detections for p in parts),
+        class_counts=counts,
+        confidence=_summed([p.confidence for p in parts]) if new_form else (),
+        latency_hist=_summed([p.latency_hist for p in parts]) if new_form else (),
+        detections_hist=_summed([p.detections_hist for p in parts]) if new_form else (),
+    )
+
+
+def _summed(histograms: list[tuple[int, ...]]) -> tuple[int, ...]:
+    """Bucket-wise sums; () unless every histogram has the same number of buckets."""
+    if not histograms or len({len(h) for h in histograms}) != 1 or not histograms[0]:
+        return ()
+    return tuple(int(v) for v in np.sum(np.array(histograms, np.int64), axis=0))
