@@ -90,9 +90,12 @@ class DemoRun:
             if not timeline or timeline[-1] != device["current_version"]:
                 timeline.append(device["current_version"])
 
-    def stop(self) -> int:
+    def stop(self, *, twice: bool = False) -> int:
         if self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGINT)
+            if twice:  # as when ``uv run`` passes a terminal's Ctrl-C on: the second lands while the stack stops
+                time.sleep(0.5)
+                os.killpg(self.process.pid, signal.SIGINT)
         try:
             return self.process.wait(timeout=90)
         except subprocess.TimeoutExpired:
@@ -239,7 +242,7 @@ def test_the_dashboard_is_served_and_ctrl_c_leaves_nothing_behind(demo: DemoRun)
     pids = demo.info["pids"]
     assert len(pids) == 6  # MLflow, the service, four agents
 
-    assert demo.stop() == 130
+    assert demo.stop(twice=True) == 130
     assert "every process of the demo has ended" in demo.output
     alive = [pid for pid in pids if _alive(pid)]
     assert not alive, alive

@@ -332,6 +332,8 @@ def test_ab_picks_the_better_detector_and_ends_the_fleet_on_it(stack: AnalysisFl
     assert ended["state"] == "completed", figures(report)
     assert (latest["kind"], latest["winner"], latest["action"]) == ("ab", "treatment", "complete"), figures(report)
     assert _metric(latest, DROPPED_METRIC)["better"] == "treatment", figures(report)
-    assert not [m for m in latest["metrics"] if m.get("better") == "control"], figures(report)
+    # The dropped copy may look better on mean confidence (it lost a class detected with lower confidence), never
+    # on a critical metric: that is what makes the better detector the winner.
+    assert not [m for m in latest["metrics"] if m.get("better") == "control" and m["critical"]], figures(report)
     assert stack.tags("base")["ota.fleet.winner"] == stack.versions["base"]
     stack.wait_serving([stack.versions["base"]] * DEVICES)

@@ -13,13 +13,16 @@ with its verdict, and ``summary.json`` in the data dir holds the figures (what t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
+import signal
 import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +51,21 @@ NOTES = {
     "v4": "v2, slower",
 }
 SUMMARY_NAME = "summary.json"
+
+
+@contextlib.contextmanager
+def uninterrupted() -> Iterator[None]:
+    """Ctrl-C and SIGTERM are ignored while the stack stops, so that a second one cannot leave processes behind
+    (``uv run`` passes the terminal's Ctrl-C on to the demo, which then gets it twice)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 @dataclass(frozen=True)
@@ -90,13 +108,14 @@ class Demo:
             if self.options.keep_running:
                 self._stay_up(stack)
         finally:
-            if self.traffic is not None:
-                self.traffic.stop()
-            stack.stop()
-            if temporary:
-                shutil.rmtree(data_dir, ignore_errors=True)
-            else:
-                self.say(f"logs, databases and bundles kept in {data_dir}")
+            with uninterrupted():
+                if self.traffic is not None:
+                    self.traffic.stop()
+                stack.stop()
+                if temporary:
+                    shutil.rmtree(data_dir, ignore_errors=True)
+                else:
+                    self.say(f"logs, databases and bundles kept in {data_dir}")
         return 0 if all(c.held for c in self.narrator.claims) else 1
 
     def _tell(self, stack: Stack, data_dir: Path) -> None:

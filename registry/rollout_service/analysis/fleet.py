@@ -96,7 +96,11 @@ class FleetAnalysis:
         return AnalysisSpec.model_validate(rollout.analysis) if rollout.analysis else self._default
 
     def applies(self, rollout: RolloutView) -> bool:
-        """Canary waves and A/B tests with something to compare against, unless the rollout switched it off."""
+        """Canary waves and A/B tests with something to compare against, unless the rollout switched it off. A
+        canary wave of 100 % leaves no device on the previous version, so no control: the waves before it judged
+        the version, and the device thresholds alone decide that one."""
+        if rollout.strategy == "canary" and rollout.percents[rollout.current_wave] >= 100:
+            return False
         return (
             rollout.strategy in ("canary", "ab")
             and rollout.control_version is not None
