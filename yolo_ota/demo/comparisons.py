@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from yolo_ota.demo.context import StoryContext
 from yolo_ota.demo.fleetview import Json
+from yolo_ota.demo.stack import DEMO_ANALYSIS
 from yolo_ota.demo.tables import analysis_table, arms_table
 
 # An A/B test asks which arm is better, in both directions: a class rate that moves by more than 10 % counts for
 # the arm that finds more. Samples of 8 frames, as the canary's (stack.DEMO_ANALYSIS).
-AB_ANALYSIS: Json = {"min_windows": 8, "min_window_frames": 8, "interval_s": 1,
+AB_ANALYSIS: Json = {"min_windows": 8, "min_window_frames": DEMO_ANALYSIS["min_window_frames"], "interval_s": 1,
                      "bands": {"class_rate": 0.1, "detections_per_image": 0.1}}  # fmt: skip
 # The control arm goes back to a version the fleet already ran; comparing the two is the A/B test's own job, so
 # its devices do not also gate the swap on shadow validation (v1 would fail it against v2: it finds less).

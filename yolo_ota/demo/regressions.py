@@ -19,6 +19,7 @@ from exporters.synthetic import CLASS_NAMES
 from yolo_ota.demo.context import SETTLED, StoryContext
 from yolo_ota.demo.detectors import DROPPED_CLASS, SLOWDOWN_MS
 from yolo_ota.demo.fleetview import Json, wave_text
+from yolo_ota.demo.stack import DEMO_ANALYSIS, DEMO_SHADOW
 from yolo_ota.demo.tables import analysis_table
 
 # 25 % then 100 %: with four devices, one device goes first and alone.
@@ -26,10 +27,11 @@ REGRESSION_WAVES: list[Json] = [
     {"percent": 25, "bake_s": 2, "max_failure_rate": 0.0, "min_success_rate": 1.0},
     {"percent": 100, "bake_s": 0, "max_failure_rate": 0.0, "min_success_rate": 1.0},
 ]
-# Small enough to decide within seconds on the demo's traffic (4 frames a second per device).
-SHADOW: Json = {"enabled": True, "min_matched": 0.5, "iou": 0.5, "min_class_samples": 10, "sample_frames": 48,
-                "time_limit_s": 30}  # fmt: skip
-REGRESSION_ANALYSIS: Json = {"min_windows": 6, "min_window_frames": 8, "interval_s": 1, "on_fail": "rollback"}
+# The server's defaults, said again in each rollout so that the demo prints what decides: small enough to decide
+# within seconds on the demo's traffic (4 frames a second per device).
+SHADOW: Json = {"enabled": True, "iou": 0.5, **DEMO_SHADOW}
+REGRESSION_ANALYSIS: Json = {"min_windows": 6, "min_window_frames": DEMO_ANALYSIS["min_window_frames"], "interval_s": 1,
+                             "on_fail": "rollback"}  # fmt: skip
 SERVING_STATES = ("swapping", "probation", "committed")
 
 

@@ -11,6 +11,7 @@ left out until it fills.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
@@ -24,14 +25,16 @@ def coalesce(windows: Sequence[Window], min_frames: int) -> list[Window]:
     ``min_frames`` inferences, in the order the blocks completed."""
     if min_frames <= 1:
         return list(windows)
-    pending: dict[str, list[Window]] = {}
+    pending: dict[str, tuple[list[Window], int]] = {}  # per device: its open block and the inferences in it
     blocks: list[Window] = []
     for window in windows:
-        parts = pending.setdefault(window.device_id, [])
+        parts, held = pending.get(window.device_id, ([], 0))
         parts.append(window)
-        if sum(p.inferences for p in parts) >= min_frames:
+        held += window.inferences
+        if held >= min_frames:
             blocks.append(parts[0] if len(parts) == 1 else join(parts))
-            pending[window.device_id] = []
+            parts, held = [], 0
+        pending[window.device_id] = (parts, held)
     return blocks
 
 
@@ -41,10 +44,9 @@ def join(parts: Sequence[Window]) -> Window:
     answered = np.array([p.inferences - p.errors for p in parts], np.float64)
     p99s = np.array([p.latency_p99_ms for p in parts], np.float64)
     p99 = float(p99s @ answered / answered.sum()) if answered.sum() > 0 else 0.0
-    counts: dict[int, int] = {}
+    counts: Counter[int] = Counter()
     for part in parts:
-        for index, count in part.class_counts.items():
-            counts[index] = counts.get(index, 0) + count
+        counts.update(part.class_counts)
     new_form = all(len(p.confidence) == CONFIDENCE_BUCKETS for p in parts)
     return Window(
         device_id=parts[0].device_id,
@@ -54,7 +56,7 @@ def join(parts: Sequence[Window]) -> Window:
         frames=sum(p.frames for p in parts) if new_form else 0,
         latency_p99_ms=p99,
         detections=sum(p.detections for p in parts),
-        class_counts=counts,
+        class_counts=dict(counts),
         confidence=_summed([p.confidence for p in parts]) if new_form else (),
         latency_hist=_summed([p.latency_hist for p in parts]) if new_form else (),
         detections_hist=_summed([p.detections_hist for p in parts]) if new_form else (),
