@@ -6,15 +6,19 @@ each of the A anchors. `decode` turns it into the same detections as Ultralytics
 `ultralytics.utils.nms.non_max_suppression` with `multi_label=False`, `max_wh=7680` and `max_nms=30000`, so that
 the edge agent, which has torch but not ultralytics, judges a model exactly as the exporter did.
 
-torchvision is optional: its NMS kernel is used when it can be imported, and a pure-torch greedy NMS that keeps
+torchvision is optional: its compiled NMS kernel is used when it loads, and a pure-torch greedy NMS that keeps
 the same boxes in the same order otherwise.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.machinery
+import importlib.util
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -62,14 +66,39 @@ def _empty_detections() -> Detections:
     )
 
 
+# torchvision's compiled operators, by the names its releases have used (the newest first).
+TORCHVISION_LIBRARIES = ("_C_stable", "_C")
+
+
 @functools.cache
 def torchvision_available() -> bool:
-    """Whether torchvision (and its compiled NMS operator) can be used in this process."""
+    """Whether torchvision's compiled NMS operator (``torch.ops.torchvision.nms``) can be used in this process.
+
+    Only the compiled library is loaded, not the ``torchvision`` package: importing ``torchvision.ops`` imports
+    ``torch._dynamo`` and takes about 8 s on two cores, which the agent and each of its validation children would
+    pay for one operator. The kernel is the one ``torchvision.ops.nms`` calls.
+    """
+    if "torchvision" not in sys.modules:
+        spec = importlib.util.find_spec("torchvision")
+        folders = list(spec.submodule_search_locations or []) if spec is not None else []
+        found = [
+            Path(folder) / (name + suffix)
+            for folder in folders
+            for name in TORCHVISION_LIBRARIES
+            for suffix in importlib.machinery.EXTENSION_SUFFIXES
+            if (Path(folder) / (name + suffix)).is_file()
+        ]
+        if not found:
+            return False
+        try:
+            torch.ops.load_library(str(found[0]))
+        except (OSError, RuntimeError):
+            # A torchvision built for another torch fails to load (undefined symbols): the torch-only NMS is the
+            # right answer then.
+            return False
     try:
-        import torchvision.ops  # noqa: F401
-    except (ImportError, RuntimeError, OSError):
-        # A torchvision built for another torch fails at import with RuntimeError or OSError, not ImportError;
-        # either way the torch-only NMS is the right answer.
+        torch.ops.torchvision.nms  # noqa: B018 - registered by the library: raises when it is not
+    except (AttributeError, RuntimeError):
         return False
     return True
 
@@ -129,9 +158,7 @@ def nms(
     forces one (True raises ImportError when torchvision is missing). `max_keep` truncates the result.
     """
     if _resolve_use_torchvision(use_torchvision):
-        import torchvision.ops
-
-        keep: torch.Tensor = torchvision.ops.nms(boxes, scores, iou)
+        keep: torch.Tensor = torch.ops.torchvision.nms(boxes, scores, iou)
         return keep if max_keep is None else keep[:max_keep]
     return nms_torch(boxes, scores, iou, max_keep=max_keep)
 

@@ -1,23 +1,20 @@
 """Shared fixtures: an offline Ultralytics environment, and a small detector that really detects.
 
-The trained detector is built once (about two and a half minutes on two cores) and cached under
-``.cache/fixtures`` in the checkout, keyed by its training recipe and the library versions, so later test runs
-reuse it. ``YOLO_OTA_FIXTURE_CACHE`` moves that cache.
+The trained detector is the demo's (about two minutes of training on two cores), cached under ``.cache/fixtures``
+in the checkout, keyed by its training recipe and the library versions, so later test runs and the demo test reuse
+it. ``YOLO_OTA_FIXTURE_CACHE`` moves that cache.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
-from importlib import metadata
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -25,6 +22,10 @@ import pytest
 _CONFIG_DIR = tempfile.mkdtemp(prefix="yolo-ota-test-ultralytics-")
 os.environ["YOLO_OFFLINE"] = "true"
 os.environ["YOLO_CONFIG_DIR"] = _CONFIG_DIR
+# The demo's detector cache (``yolo_ota.demo.detectors.cache_root``) for this session and the demos it starts: kept
+# in the checkout, not in the user's cache.
+REPO = Path(__file__).resolve().parents[1]
+os.environ["XDG_CACHE_HOME"] = str(Path(os.environ.get("YOLO_OTA_FIXTURE_CACHE", REPO / ".cache" / "fixtures")))
 
 import torch  # noqa: E402
 from servers import start_mlflow, start_rollout_service  # noqa: E402
@@ -34,8 +35,6 @@ from yolo_ota.scratch_postgres import create_postgres_database, drop_postgres_da
 
 pytest_plugins = ["agent_stack"]
 
-REPO = Path(__file__).resolve().parents[1]
-TRAIN_RECIPE: dict[str, Any] = {"config": "yolov8n.yaml", "epochs": 25, "train_images": 256, "imgsz": 160, "seed": 0}
 SCENE_SIZE = 160
 
 
@@ -52,35 +51,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("YOLO_OTA_FIXTURE_CACHE", REPO / ".cache" / "fixtures"))
-
-
 @pytest.fixture(scope="session")
 def trained_detector() -> Path:
-    """Weights of a YOLOv8n trained on synthetic PCB scenes (classes chip, capacitor, solder_bridge)."""
-    recipe = {**TRAIN_RECIPE, "ultralytics": metadata.version("ultralytics"), "torch": torch.__version__}
-    key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
-    cached = _cache_dir() / f"synthetic-detector-{key}.pt"
-    if cached.is_file():
-        return cached
-    from exporters.yolo import train_synthetic_detector
+    """Weights of a YOLOv8n trained on synthetic PCB scenes (classes chip, capacitor, solder_bridge): the demo's v2.
 
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="yolo-ota-train-") as work:
-        r = TRAIN_RECIPE
-        weights = train_synthetic_detector(
-            Path(work),
-            config=r["config"],
-            epochs=r["epochs"],
-            train_images=r["train_images"],
-            imgsz=r["imgsz"],
-            seed=r["seed"],
-        )
-        partial = cached.with_suffix(".partial")
-        shutil.copyfile(weights, partial)
-        partial.replace(cached)
-    return cached
+    The demo's own training and cache (``yolo_ota.demo.detectors``), moved under the fixture cache by
+    ``XDG_CACHE_HOME``: the test session trains at most once, and the demo it starts finds the weights there.
+    """
+    from yolo_ota.demo.detectors import trained_weights
+
+    weights, _ = trained_weights(lambda line: print(line, flush=True))
+    return weights["v2"]
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -246,6 +248,19 @@ def test_nms_torch_edge_cases_match_torchvision() -> None:
 
 def test_torchvision_is_detected() -> None:
     assert torchvision_available()
+
+
+def test_the_kernel_loads_without_importing_the_torchvision_package() -> None:
+    # Importing torchvision.ops costs seconds (it imports torch._dynamo); the agent needs only the NMS kernel.
+    probe = (
+        "import sys, torch\n"
+        "from exporters.postprocess import nms, torchvision_available\n"
+        "boxes = torch.tensor([[0., 0., 10., 10.], [1., 1., 11., 11.], [20., 20., 30., 30.]])\n"
+        "keep = nms(boxes, torch.tensor([0.9, 0.8, 0.7]), 0.5)\n"
+        "print(torchvision_available(), 'torchvision' in sys.modules, keep.tolist())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["True", "False", "[0,", "2]"]
 
 
 # --- empty, dtypes, validation ------------------------------------------------------------------------------------
