@@ -3,8 +3,8 @@
 While the demo runs, the test reads the rollout service's REST API twice a second and keeps each device's
 sequence of versions; when the demo has printed its summary (``--keep-running`` holds the stack up), it checks the
 demo's own ``summary.json``, the rollouts, the device events and MLflow's registry, then stops the demo with
-SIGINT, as Ctrl-C would, and checks that no process and no temporary folder is left. The demo finds its detectors in the fixture cache
-(``tests/conftest.py`` points ``XDG_CACHE_HOME`` there; whichever comes first trains them once).
+SIGINT, as Ctrl-C would, and checks that no process and no temporary folder is left. The demo finds its detectors
+in the fixture cache (``tests/conftest.py`` points ``XDG_CACHE_HOME`` there; whichever comes first trains them).
 """
 
 from __future__ import annotations
