@@ -7,7 +7,9 @@ Simulates canaries (treatment devices against control devices over the same span
 
 - equal models: how often the verdict is fail (the false-fail rate), pass, marginal, inconclusive;
 - one class's rate 20 % lower (each class in turn): how often the analysis fails, and names that class;
-- latency p99 +20 % and +40 %: how often it fails (the default band allows +25 %).
+- latency p99 +20 % and +40 %: how often it fails (the default band allows +10 % on each device's own scale:
+  its p99 before the canary, from ``sim.baseline_windows_per_device`` windows on the control model; ``--unpaired``
+  compares raw p99s instead).
 
 Then the cost of one ``analyse`` call at 10,000 devices (windows capped at ``max_windows``) and the JSON size of
 one telemetry window as the agent sends it (contract section A). Every simulation parameter is in ``SIM`` and is
@@ -28,9 +30,11 @@ import numpy as np
 from scipy import stats
 
 from exporters.telemetry_buckets import CONFIDENCE_BUCKETS, LATENCY_MS_EDGES, MAX_DETECTIONS_BUCKET
+from registry.rollout_service.analysis.fleet import BASELINE_MIN_WINDOWS
 from registry.rollout_service.analysis.spec import AnalysisSpec, Verdict, merged
 from registry.rollout_service.analysis.stats import Window
 from registry.rollout_service.analysis.verdict import analyse
+from registry.rollout_service.analysis.windows import baselines_of
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,7 @@ class Simulation:
     treatment_devices: int = 5
     control_devices: int = 20
     windows_per_device: int = 10  # 5 minutes of 30 s windows: 50 treatment, 200 control windows
+    baseline_windows_per_device: int = 10  # the 5 minutes before, on the control model: each device's own scale
 
 
 @dataclass(frozen=True)
@@ -65,41 +70,61 @@ LATENCY_EDGES = np.array(LATENCY_MS_EDGES)
 CONFIDENCE_EDGES = np.linspace(0, 1, CONFIDENCE_BUCKETS + 1)
 
 
+@dataclass(frozen=True)
+class Arm:
+    """One arm's windows in the canary's span, and every device's windows on the control model before it."""
+
+    windows: list[Window]
+    before: list[Window]
+
+
 def simulate_arm(
     rng: np.random.Generator, sim: Simulation, devices: int, change: Change, prefix: str, chunk: int = 200
-) -> list[Window]:
+) -> Arm:
     """``devices`` x ``sim.windows_per_device`` windows, oldest first, generated ``chunk`` devices at a time."""
-    windows: list[Window] = []
+    arm = Arm([], [])
     for first in range(0, devices, chunk):
-        windows += _chunk(rng, sim, range(first, min(devices, first + chunk)), change, prefix)
-    return windows
+        part = _chunk(rng, sim, range(first, min(devices, first + chunk)), change, prefix)
+        arm.windows.extend(part.windows)
+        arm.before.extend(part.before)
+    return arm
 
 
-def _chunk(rng: np.random.Generator, sim: Simulation, devices: range, change: Change, prefix: str) -> list[Window]:
-    n_dev, n_win, n_frames, k = len(devices), sim.windows_per_device, sim.frames_per_window, len(sim.classes)
+def _chunk(rng: np.random.Generator, sim: Simulation, devices: range, change: Change, prefix: str) -> Arm:
+    n_dev, k = len(devices), len(sim.classes)
+    device = {  # what stays with a device: its line's parts and light, its hardware, its camera
+        "rate": rng.lognormal(0, sim.device_rate_sigma, (n_dev, 1, k)),
+        "latency": rng.lognormal(0, sim.device_latency_sigma, (n_dev, 1, 1)),
+        "confidence_a": sim.confidence_beta[0] * rng.lognormal(0, sim.device_confidence_sigma, n_dev),
+    }
+    before = _windows(rng, sim, devices, device, Change(), prefix, sim.baseline_windows_per_device)
+    return Arm(_windows(rng, sim, devices, device, change, prefix, sim.windows_per_device), before)
+
+
+def _windows(
+    rng: np.random.Generator, sim: Simulation, devices: range, device: dict[str, np.ndarray], change: Change,
+    prefix: str, n_win: int,
+) -> list[Window]:  # fmt: skip
+    n_dev, n_frames, k = len(devices), sim.frames_per_window, len(sim.classes)
     shape = (n_dev, n_win)
     rates = np.array(sim.rates_per_frame) * np.array(change.rate_factor)
-    rate = (
-        rates
-        * rng.lognormal(0, sim.device_rate_sigma, (n_dev, 1, k))
-        * rng.lognormal(0, sim.window_rate_sigma, (*shape, k))
-    )
+    rate = rates * device["rate"] * rng.lognormal(0, sim.window_rate_sigma, (*shape, k))
     per_frame = rng.poisson(rate[:, :, None, :], (*shape, n_frames, k))  # detections per frame and class
     detections_per_frame = per_frame.sum(axis=3)
     latency = (
         sim.latency_median_ms
         * change.latency_factor
-        * rng.lognormal(0, sim.device_latency_sigma, (n_dev, 1, 1))
+        * device["latency"]
         * rng.lognormal(0, sim.window_latency_sigma, (*shape, 1))
         * rng.lognormal(0, sim.latency_frame_sigma, (*shape, n_frames))
     )
     errors = rng.binomial(n_frames, sim.error_rate, shape)
-    a, b = sim.confidence_beta
-    a_device = a * rng.lognormal(0, sim.device_confidence_sigma, n_dev)
-    bucket_p = np.diff(stats.beta.cdf(CONFIDENCE_EDGES[None, :], a_device[:, None], b), axis=1)
+    bucket_p = np.diff(
+        stats.beta.cdf(CONFIDENCE_EDGES[None, :], device["confidence_a"][:, None], sim.confidence_beta[1]), axis=1
+    )
     bucket_p /= bucket_p.sum(axis=1, keepdims=True)
     out = []
-    for d, device in enumerate(devices):
+    for d, device_number in enumerate(devices):
         for w in range(n_win):
             # a frame that errored answers nothing: drop its detections and latency
             answered = n_frames - int(errors[d, w])
@@ -109,7 +134,7 @@ def _chunk(rng: np.random.Generator, sim: Simulation, devices: range, change: Ch
             conf = rng.multinomial(int(counts.sum()), bucket_p[d])
             out.append(
                 Window(
-                    device_id=f"{prefix}-{device}",
+                    device_id=f"{prefix}-{device_number}",
                     inferences=n_frames,
                     errors=int(errors[d, w]),
                     nonfinite=0,
@@ -129,6 +154,14 @@ def _chunk(rng: np.random.Generator, sim: Simulation, devices: range, change: Ch
     return out
 
 
+def baselines(treatment: Arm, control: Arm, spec: AnalysisSpec) -> dict[str, float] | None:
+    """Each device's latency baseline, as the service takes it (None when the spec turns baselines off)."""
+    if spec.latency_baseline_s <= 0:
+        return None
+    rows = [(w.device_id, w.latency_p99_ms) for w in (*treatment.before, *control.before)]
+    return baselines_of(rows, BASELINE_MIN_WINDOWS)
+
+
 def run_scenario(
     name: str,
     change: Change,
@@ -146,7 +179,7 @@ def run_scenario(
     for i in range(canaries):
         treatment = simulate_arm(rng, sim, sim.treatment_devices, change, "t")
         control = simulate_arm(rng, sim, sim.control_devices, Change(), "c")
-        result = analyse(treatment, control, spec, sim.classes)
+        result = analyse(treatment.windows, control.windows, spec, sim.classes, baselines(treatment, control, spec))
         verdicts[result.verdict.value] += 1
         failed_metrics.update(m.name for m in result.metrics if m.verdict == Verdict.failed)
         if watch is not None:
@@ -181,26 +214,31 @@ def analysis_cost(rng: np.random.Generator, spec: AnalysisSpec, devices: int = 1
     treatment_devices = devices // 20
     treatment = simulate_arm(rng, SIM, treatment_devices, Change(), "t")
     control = simulate_arm(rng, SIM, devices - treatment_devices, Change(), "c")
+    started = time.perf_counter()
+    own_scale = baselines(treatment, control, spec)
+    baselines_ms = (time.perf_counter() - started) * 1000
     times_ms = []
     for _ in range(calls):
         started = time.perf_counter()
-        analyse(treatment, control, spec, SIM.classes)
+        analyse(treatment.windows, control.windows, spec, SIM.classes, own_scale)
         times_ms.append((time.perf_counter() - started) * 1000)
     return {
         "devices": devices,
-        "treatment_windows": len(treatment),
-        "control_windows": len(control),
+        "treatment_windows": len(treatment.windows),
+        "control_windows": len(control.windows),
         "max_windows": spec.max_windows,
         "calls": calls,
         "median_ms": statistics.median(times_ms),
         "min_ms": min(times_ms),
         "max_ms": max(times_ms),
+        "baseline_rows": len(treatment.before) + len(control.before),
+        "baselines_ms": baselines_ms,
     }
 
 
 def window_json_bytes(rng: np.random.Generator) -> dict:
     """Bytes of one report with one telemetry window as the agent posts it (httpx: compact JSON)."""
-    window = simulate_arm(rng, replace(SIM, windows_per_device=1), 1, Change(), "t")[0]
+    window = simulate_arm(rng, replace(SIM, windows_per_device=1), 1, Change(), "t").windows[0]
     sizes = {"3 classes (simulated window)": len(_body(window, 3))}
     # worst case: every class seen and every bucket filled, with 4-digit counts (a 30 s window at up to 30 fps)
     worst = replace(
@@ -259,16 +297,20 @@ def main() -> None:
         "--band", action="append", default=[], metavar="NAME=VALUE", help="a band other than the default's"
     )
     parser.add_argument("--treatment-devices", type=int, default=SIM.treatment_devices, help="devices in the canary")
+    parser.add_argument(
+        "--unpaired", action="store_true", help="latency_baseline_s 0: raw p99s, each device not on its own scale"
+    )
     args = parser.parse_args()
     rng = np.random.default_rng(args.seed)
-    spec = AnalysisSpec()
+    spec = AnalysisSpec(latency_baseline_s=0) if args.unpaired else AnalysisSpec()
     if args.band:
         spec = merged(spec, {"bands": {name: float(value) for name, _, value in (b.partition("=") for b in args.band)}})
     sim = replace(SIM, treatment_devices=args.treatment_devices)
     print("simulation:", json.dumps(asdict(sim)))
     print(
         f"spec: confidence {spec.confidence}, min_windows {spec.min_windows}, bands {spec.bands.model_dump()}, "
-        f"min_class_detections {spec.min_class_detections}, critical {spec.critical}"
+        f"min_class_detections {spec.min_class_detections}, critical {spec.critical}, "
+        f"latency_baseline_s {spec.latency_baseline_s:g}"
     )
     results = [run_scenario(n, change, args.canaries, rng, spec, watch, sim) for n, change, watch in scenarios()]
     print_table(results)
@@ -276,7 +318,8 @@ def main() -> None:
     print(
         f"\nanalyse() at {cost['devices']:,} devices ({cost['treatment_windows']:,} treatment and "
         f"{cost['control_windows']:,} control windows, capped at {cost['max_windows']:,} per arm): median "
-        f"{cost['median_ms']:.0f} ms over {cost['calls']} calls (min {cost['min_ms']:.0f}, max {cost['max_ms']:.0f})"
+        f"{cost['median_ms']:.0f} ms over {cost['calls']} calls (min {cost['min_ms']:.0f}, max {cost['max_ms']:.0f}); "
+        f"the latency baselines of every device from {cost['baseline_rows']:,} windows: {cost['baselines_ms']:.0f} ms"
     )
     sizes = window_json_bytes(rng)
     for label, size in sizes.items():

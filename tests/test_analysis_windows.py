@@ -3,6 +3,8 @@ there are enough detections for it to mean something."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from scipy import stats
@@ -11,7 +13,7 @@ from exporters.telemetry_buckets import CONFIDENCE_BUCKETS, LATENCY_MS_EDGES
 from registry.rollout_service.analysis.spec import AnalysisSpec, Verdict
 from registry.rollout_service.analysis.stats import Window, psi, psi_by_chance
 from registry.rollout_service.analysis.verdict import analyse
-from registry.rollout_service.analysis.windows import coalesce
+from registry.rollout_service.analysis.windows import baselines_of, coalesce, on_own_scale
 
 CLASSES = ("chip", "capacitor", "solder_bridge")
 RATES = (2.0, 1.5, 0.5)
@@ -127,3 +129,43 @@ def test_directions_name_known_families() -> None:
         AnalysisSpec.model_validate({"directions": {"class_rates": "decrease"}})
     with pytest.raises(ValueError):
         AnalysisSpec.model_validate({"directions": {"class_rate": "down"}})
+
+
+def _device_scaled(windows: list[Window], factors: dict[str, float], prefix: str) -> list[Window]:
+    """``windows`` renamed ``prefix + device`` with each device's latency multiplied by its factor (its hardware)."""
+    return [
+        replace(w, device_id=prefix + w.device_id, latency_p99_ms=w.latency_p99_ms * factors[w.device_id])
+        for w in windows
+    ]
+
+
+def test_latency_is_judged_on_each_devices_own_scale() -> None:
+    """Slow treatment devices are not a slow model; a slower model on them is, and only the pairing tells them apart."""
+    spec = AnalysisSpec(min_windows=20, min_window_frames=1)
+    t_factors = {"d0": 1.3, "d1": 1.25, "d2": 1.35}  # the canary happened to land on older boxes
+    c_factors = {"d0": 1.0, "d1": 0.95, "d2": 1.05}
+    t_before = _device_scaled(tiny_windows(30, seed=3, devices=3, frames=200), t_factors, "t")
+    c_before = _device_scaled(tiny_windows(30, seed=4, devices=3, frames=200), c_factors, "c")
+    base = baselines_of([(w.device_id, w.latency_p99_ms) for w in (*t_before, *c_before)], 3)
+    assert sorted(base) == ["c" + d for d in c_factors] + ["t" + d for d in t_factors]
+    control = _device_scaled(tiny_windows(60, seed=5, devices=3, frames=200), c_factors, "c")
+    for model_factor, paired_verdict in ((1.0, Verdict.passed), (1.2, Verdict.failed)):
+        same = _device_scaled(tiny_windows(60, seed=6, devices=3, frames=200), t_factors, "t")
+        treatment = [replace(w, latency_p99_ms=w.latency_p99_ms * model_factor) for w in same]
+        unpaired = analyse(treatment, control, spec, CLASSES)
+        paired = analyse(treatment, control, spec, CLASSES, base)
+        latency = {m.name: m for m in paired.metrics}["latency_p99"]
+        assert latency.verdict == paired_verdict, latency.reason
+        assert "own scale" in latency.reason
+        assert {m.name: m for m in unpaired.metrics}["latency_p99"].verdict == Verdict.failed
+    partial = {k: v for k, v in base.items() if k != "td0"}  # one device without a baseline: raw p99s, and says so
+    reason = {m.name: m for m in analyse(treatment, control, spec, CLASSES, partial).metrics}["latency_p99"].reason
+    assert "unpaired" in reason
+
+
+def test_own_scale_keeps_milliseconds_of_a_typical_device() -> None:
+    windows = tiny_windows(4, seed=7, devices=2, frames=20)
+    scaled = on_own_scale(windows, {"d0": 50.0, "d1": 200.0})  # median of the baselines: 125 ms
+    assert scaled[0].latency_p99_ms == pytest.approx(windows[0].latency_p99_ms * 125 / 50)
+    assert scaled[1].latency_p99_ms == pytest.approx(windows[1].latency_p99_ms * 125 / 200)
+    assert baselines_of([("a", 10.0), ("a", 30.0), ("b", 5.0)], 2) == {"a": 20.0}  # b: too few windows

@@ -222,7 +222,8 @@ def _metric(entry: dict[str, Any], name: str) -> dict[str, Any]:
 
 def test_too_few_windows_is_inconclusive_and_pauses(stack: AnalysisFleet) -> None:
     analysis = {"min_windows": 5000, "inconclusive_timeout_s": 0, "on_inconclusive": "pause"}
-    rollout = stack.canary("same", "base", analysis, bake_s=2)
+    # a bake long enough for the treatment device's first samples: judged at its end, with some windows in each arm
+    rollout = stack.canary("same", "base", analysis, bake_s=10)
     rid = rollout["id"]
     ended = stack.wait_end(rid, {"paused", "halted", "completed", "rolled_back"})
     report = stack.report(rid)

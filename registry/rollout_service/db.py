@@ -135,7 +135,10 @@ class DeviceOutcome(Base):
 
 class Telemetry(Base):
     __tablename__ = "telemetry"
-    __table_args__ = (sa.Index("ix_telemetry_rollout_arm", "rollout_id", "arm"),)
+    __table_args__ = (
+        sa.Index("ix_telemetry_rollout_arm", "rollout_id", "arm"),
+        sa.Index("ix_telemetry_model_version_at", "model", "version", "at"),  # the analysis's latency baselines
+    )
 
     id: Mapped[int] = mapped_column(sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True)
     rollout_id: Mapped[int | None] = mapped_column(sa.BigInteger)

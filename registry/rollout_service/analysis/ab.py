@@ -12,7 +12,7 @@ The winner is better on more metrics than the other arm and worse on no metric o
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from registry.rollout_service.analysis.spec import (
@@ -48,10 +48,12 @@ class ArmComparison:
 
 
 def compare_arms(
-    treatment: Sequence[Window], control: Sequence[Window], spec: AnalysisSpec, class_names: Sequence[str]
-) -> ArmComparison:
-    """Which arm of an A/B test is better; no winner below ``spec.min_windows`` per arm or when mixed."""
-    arms = Arms.of(treatment, control, spec, len(class_names))
+    treatment: Sequence[Window], control: Sequence[Window], spec: AnalysisSpec, class_names: Sequence[str],
+    baselines: Mapping[str, float] | None = None,
+) -> ArmComparison:  # fmt: skip
+    """Which arm of an A/B test is better; no winner below ``spec.min_windows`` per arm or when mixed.
+    ``baselines`` as for ``verdict.analyse``."""
+    arms = Arms.of(treatment, control, spec, len(class_names), baselines)
     metrics = [
         ArmMetric(**vars(judge(m, spec, arms.enough)), better=_better(m, arms.enough) if arms.enough else None)
         for m in measure_all(arms.treatment, arms.control, spec, class_names)

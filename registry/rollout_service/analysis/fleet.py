@@ -2,7 +2,8 @@
 
 For a canary wave the treatment is every window of the rollout's new version since the wave started, the control
 every window of the previous version from the rollout's other devices in the same span; for an A/B test, the two
-arms since the test started. ``consequence`` turns a verdict into what the scheduler does (docs/analysis.md).
+arms since the test started. Each device's windows on the previous version before the rollout give its latency
+baseline (``windows.on_own_scale``). ``consequence`` turns a verdict into what the scheduler does (docs/analysis.md).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from registry.rollout_service.analysis.public import AnalysisPublic, AnalysisRep
 from registry.rollout_service.analysis.spec import AnalysisSpec, OnFail, OnInconclusive, ShadowSpec, Verdict, merged
 from registry.rollout_service.analysis.stats import Window
 from registry.rollout_service.analysis.verdict import analyse
+from registry.rollout_service.analysis.windows import baselines_of
 from registry.rollout_service.bundles import BundleCatalog
 from registry.rollout_service.db import AnalysisRecord, Telemetry, transaction
 from registry.rollout_service.errors import InvalidRequestError
@@ -32,6 +34,8 @@ log = logging.getLogger(__name__)
 
 Tagger = Callable[[str, str, dict[str, str]], None]  # (model, version, tags)
 FLEET_TAG_PREFIX = "ota.fleet."
+BASELINE_MIN_WINDOWS = 3  # a device's latency baseline is the median of at least this many windows
+BASELINE_ROWS_PER_WINDOW = 4  # rows read for the baselines: this many times the windows an arm may hold
 
 
 def rollout_specs(
@@ -113,13 +117,14 @@ class FleetAnalysis:
         with self._sessions() as session:
             treatment = self._windows(session, rollout.id, TREATMENT, since, spec.max_windows)
             control = self._windows(session, rollout.id, CONTROL, since, spec.max_windows)
+            baselines = self._baselines(session, rollout, spec) if spec.latency_baseline_s > 0 else None
         names = self._catalog.summary(rollout.model, rollout.version).class_names
         if rollout.strategy == "ab":
-            ab = compare_arms(treatment, control, spec, names)
+            ab = compare_arms(treatment, control, spec, names, baselines)
             verdict = Verdict.inconclusive if ab.reason.startswith("inconclusive") else Verdict.passed
             return Judgement("ab", verdict, None, ab.reason, ab.winner, [metric_public(m) for m in ab.metrics],
                              ab.treatment_windows, ab.control_windows)  # fmt: skip
-        result = analyse(treatment, control, spec, names)
+        result = analyse(treatment, control, spec, names, baselines)
         return Judgement("canary", result.verdict, result.score, result.reason, None,
                          [metric_public(m) for m in result.metrics], result.treatment_windows,
                          result.control_windows)  # fmt: skip
@@ -133,6 +138,24 @@ class FleetAnalysis:
             .limit(limit)
         ).scalars()
         return [window_of(row) for row in reversed(list(rows))]
+
+    @staticmethod
+    def _baselines(session: Session, rollout: RolloutView, spec: AnalysisSpec) -> dict[str, float]:
+        """Each device's median p99 on the previous version in ``latency_baseline_s`` before the rollout."""
+        begin = rollout.created_at - timedelta(seconds=spec.latency_baseline_s)
+        rows = session.execute(
+            sa.select(Telemetry.device_id, Telemetry.latency_p99_ms)
+            .where(
+                Telemetry.model == rollout.model,
+                Telemetry.version == rollout.control_version,
+                Telemetry.at >= begin,
+                Telemetry.at < rollout.created_at,
+                Telemetry.inferences > Telemetry.errors,
+            )
+            .order_by(Telemetry.id.desc())
+            .limit(BASELINE_ROWS_PER_WINDOW * spec.max_windows)
+        ).all()
+        return baselines_of([(device, p99) for device, p99 in rows], BASELINE_MIN_WINDOWS)
 
     def due(self, rollout: RolloutView, now: datetime) -> bool:
         """Whether the last stored verdict of this wave is older than the spec's interval."""

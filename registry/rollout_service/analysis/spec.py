@@ -50,7 +50,9 @@ METRIC_FAMILIES = (LATENCY_P99, DETECTIONS_PER_IMAGE, CLASS_RATE, CONFIDENCE, ER
 class Bands(_Body):
     """Effect-size bands, relative to the control (0.1 = 10 %): a significant change inside its band passes."""
 
-    latency_p99: float = Field(default=0.25, gt=0, le=10, description="allowed increase of the p99 latency")
+    latency_p99: float = Field(
+        default=0.10, gt=0, le=10, description="allowed increase of the p99 latency (on each device's own scale)"
+    )
     detections_per_image: float = Field(default=0.10, gt=0, le=10, description="allowed change, either way")
     class_rate: float = Field(default=0.12, gt=0, le=10, description="allowed change of each class's rate, either way")
 
@@ -67,6 +69,11 @@ class AnalysisSpec(_Body):
         description="a device's consecutive windows are joined until each holds this many inferences (a sample)",
     )  # fmt: skip
     bands: Bands = Field(default_factory=Bands)
+    latency_baseline_s: float = Field(
+        default=900, ge=0, le=7 * 86400,
+        description="each device's p99 on the previous version in this span before the rollout is its own scale "
+        "for latency; 0: compare raw p99s",
+    )  # fmt: skip
     directions: dict[str, Direction] = Field(
         default_factory=dict,
         description="the change that is bad, per metric family, over the defaults (detections_per_image and "

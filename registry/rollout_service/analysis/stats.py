@@ -85,9 +85,10 @@ class Arm:
     detections: np.ndarray
     class_counts: np.ndarray  # (len(frames), number of classes)
     confidence: np.ndarray  # pooled over the new-form windows
+    paired: bool = False  # p99s on each device's own scale (``windows.on_own_scale``)
 
     @classmethod
-    def of(cls, windows: Sequence[Window], n_classes: int) -> Arm:
+    def of(cls, windows: Sequence[Window], n_classes: int, paired: bool = False) -> Arm:
         def column(attribute: str, rows: Sequence[Window], dtype: type = np.int64) -> np.ndarray:
             return np.fromiter((getattr(w, attribute) for w in rows), dtype, len(rows))
 
@@ -110,6 +111,7 @@ class Arm:
             detections=column("detections", rated).astype(np.float64),
             class_counts=counts,
             confidence=np.array([w.confidence for w in rated], np.float64).reshape(-1, CONFIDENCE_BUCKETS).sum(0),
+            paired=paired,
         )
 
 
@@ -228,8 +230,9 @@ def _latency(t: Arm, c: Arm, spec: AnalysisSpec, alpha: float) -> Measurement:
         )
     else:
         hists = _display(t.p99_ms, c.p99_ms)
+    scale = "on each device's own scale" if t.paired and c.paired else "unpaired (raw p99s)"
     figures = (
-        f"{_percent(_effect(tm, cm))} ({_num(tm, '.1f')} vs {_num(cm, '.1f')} ms median p99, {_p_text(p)}, "
+        f"{_percent(_effect(tm, cm))} ({_num(tm, '.1f')} vs {_num(cm, '.1f')} ms median p99 {scale}, {_p_text(p)}, "
         f"band +{band:.0%})"
     )
     return Measurement(

@@ -9,12 +9,12 @@ family in ``spec.critical`` fails the analysis whatever the score.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from registry.rollout_service.analysis.spec import AnalysisSpec, Verdict
 from registry.rollout_service.analysis.stats import Arm, Measurement, Window, measure_all
-from registry.rollout_service.analysis.windows import coalesce
+from registry.rollout_service.analysis.windows import coalesce, on_own_scale
 
 BAD_SHIFTS = {"increase": (1,), "decrease": (-1,), "both": (1, -1)}
 EVIDENCE_VERDICT = {2: Verdict.failed, 1: Verdict.marginal, 0: Verdict.passed}
@@ -63,20 +63,32 @@ class Arms:
     shortfall: str  # "" when enough, else "treatment 12 of 50 windows, control 80 of 50"
 
     @classmethod
-    def of(cls, treatment: Sequence[Window], control: Sequence[Window], spec: AnalysisSpec, n_classes: int) -> Arms:
-        # joined into samples of min_window_frames, then the newest: callers pass windows oldest first
-        t = Arm.of(coalesce(treatment, spec.min_window_frames)[-spec.max_windows :], n_classes)
-        c = Arm.of(coalesce(control, spec.min_window_frames)[-spec.max_windows :], n_classes)
+    def of(
+        cls, treatment: Sequence[Window], control: Sequence[Window], spec: AnalysisSpec, n_classes: int,
+        baselines: Mapping[str, float] | None = None,
+    ) -> Arms:  # fmt: skip
+        # joined into samples of min_window_frames, then the newest (callers pass windows oldest first), then on
+        # each device's own latency scale when every device has a baseline (a block is one device's: the same)
+        t_blocks = coalesce(treatment, spec.min_window_frames)[-spec.max_windows :]
+        c_blocks = coalesce(control, spec.min_window_frames)[-spec.max_windows :]
+        devices = {w.device_id for w in (*t_blocks, *c_blocks)}
+        paired = baselines is not None and bool(devices) and devices <= baselines.keys()
+        if paired:
+            assert baselines is not None
+            t_blocks, c_blocks = on_own_scale(t_blocks, baselines), on_own_scale(c_blocks, baselines)
+        t, c = Arm.of(t_blocks, n_classes, paired), Arm.of(c_blocks, n_classes, paired)
         enough = min(t.windows, c.windows) >= spec.min_windows
         counts = f"treatment {t.windows} of {spec.min_windows} windows, control {c.windows} of {spec.min_windows}"
         return cls(t, c, enough, "" if enough else counts)
 
 
 def analyse(
-    treatment: Sequence[Window], control: Sequence[Window], spec: AnalysisSpec, class_names: Sequence[str]
-) -> Analysis:
-    """The canary verdict of ``treatment`` against ``control`` (windows of the same time span and selector)."""
-    arms = Arms.of(treatment, control, spec, len(class_names))
+    treatment: Sequence[Window], control: Sequence[Window], spec: AnalysisSpec, class_names: Sequence[str],
+    baselines: Mapping[str, float] | None = None,
+) -> Analysis:  # fmt: skip
+    """The canary verdict of ``treatment`` against ``control`` (windows of the same time span and selector);
+    ``baselines``: each device's p99 before the rollout (``windows.baselines_of``), None or partial: unpaired."""
+    arms = Arms.of(treatment, control, spec, len(class_names), baselines)
     results = judge_all(arms, spec, class_names)
     t_windows, c_windows = arms.treatment.windows, arms.control.windows
     if not arms.enough:

@@ -7,12 +7,19 @@ that reports every few seconds, or sees little traffic, sends windows of one or 
 blocks of at least ``min_window_frames`` inferences gives samples that mean something whatever the report
 interval; windows that already hold that many are kept as they are. A device's last, still incomplete block is
 left out until it fills.
+
+Latency is compared on each device's own scale (``on_own_scale``) when every device has a baseline: its median
+p99 on the previous version before the rollout began. Devices differ in latency by their hardware and load more
+than a model change of 20 % moves it, so a few treatment devices that happen to be slow would otherwise look
+like a slower model, and a band wide enough to absorb that would hide the slower model too.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import statistics
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -68,3 +75,19 @@ def _summed(histograms: list[tuple[int, ...]]) -> tuple[int, ...]:
     if not histograms or len({len(h) for h in histograms}) != 1 or not histograms[0]:
         return ()
     return tuple(int(v) for v in np.sum(np.array(histograms, np.int64), axis=0))
+
+
+def on_own_scale(windows: Sequence[Window], baselines: Mapping[str, float]) -> list[Window]:
+    """``windows`` with each p99 divided by its device's baseline and multiplied by the median of the baselines
+    (milliseconds still, for a typical device of the fleet). Every device of ``windows`` must have a baseline > 0."""
+    typical = float(np.median(np.fromiter(baselines.values(), np.float64)))
+    return [dataclasses.replace(w, latency_p99_ms=w.latency_p99_ms * typical / baselines[w.device_id]) for w in windows]
+
+
+def baselines_of(rows: Sequence[tuple[str, float]], min_windows: int) -> dict[str, float]:
+    """Each device's median p99 over its (device id, p99) rows, for the devices with at least ``min_windows``."""
+    by_device: dict[str, list[float]] = {}
+    for device_id, p99 in rows:
+        by_device.setdefault(device_id, []).append(p99)
+    medians = {device: statistics.median(values) for device, values in by_device.items() if len(values) >= min_windows}
+    return {device: float(median) for device, median in medians.items() if median > 0}
