@@ -37,6 +37,7 @@ class Installed(BaseModel):
     p99_ms: float | None = None
     installed_seq: int = 0
     validated_on: str | None = None  # the device's fingerprint summary when it validated here
+    committed_here: bool = False  # it served here and passed its probation
 
 
 def _name(text: str) -> str:
@@ -100,6 +101,13 @@ class VersionStore:
             target / INSTALLED_FILE, record.model_copy(update={"installed_seq": seq}).model_dump_json().encode()
         )
         return target
+
+    def mark_committed(self, model: str, version: str) -> None:
+        """Record that ``version`` served here and passed its probation."""
+        record = self.installed(model, version)
+        if record is not None and not record.committed_here:
+            path = self.installed_dir(model, version) / INSTALLED_FILE
+            atomic_write(path, record.model_copy(update={"committed_here": True}).model_dump_json().encode())
 
     def all_installed(self) -> list[Installed]:
         found = []

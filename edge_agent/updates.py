@@ -19,10 +19,11 @@ from edge_agent.errors import AgentError, ProbationFailed, ShadowFailed, UpdateR
 from edge_agent.journal import Journal
 from edge_agent.loading import ModelLoader
 from edge_agent.probation import Probation
-from edge_agent.protocol import DesiredState
+from edge_agent.protocol import DesiredState, ShadowReport
 from edge_agent.rollback import Rollback
 from edge_agent.runtime import InferenceRuntime
 from edge_agent.settings import AgentSettings
+from edge_agent.shadow import skipped
 from edge_agent.shadow_run import shadow_validate
 from edge_agent.state import BEFORE_SWAP, RESTING, STEP_HANDLERS, Event, State
 from edge_agent.store import Installed, VersionStore
@@ -177,8 +178,13 @@ class Updates:
         if before and before.key == st.target_key and before.variant == variant and before.validated_on == where:
             # The same bundle, variant and device passed here already (an A/B arm or a rollback brings it back):
             # its files were verified again a step ago, and a second run would measure the same thing. The shadow
-            # comparison runs again: it is against whatever serves now.
-            self.shadow(offer, staging, variant)
+            # comparison runs again (it is against whatever serves now) unless this version has served these
+            # frames here and passed its probation: then the line's own traffic has judged it already, and a
+            # rollback to it must not wait on a comparison with the version being left.
+            if before.committed_here:
+                self._shadow_done(*skipped("this version served here and passed its probation before"))
+            else:
+                self.shadow(offer, staging, variant)
             self.store.install(st.target_model, st.target_version, before)
             p99 = f"p99 {before.p99_ms:.1f} ms" if before.p99_ms is not None else "no p99"
             self.journal.advance(Event.done, reason=f"validated here before ({p99}); not run again")
@@ -197,7 +203,6 @@ class Updates:
     def shadow(self, offer: DesiredState, staging: Path, variant: str) -> None:
         """Part of the validating step, after the gates: compare the candidate with the serving model on live
         frames (``edge_agent.shadow_run``), report a ``shadow`` event, and ``ShadowFailed`` when it fails."""
-        st = self.journal.state
         s = self.settings
         config = offer.shadow_config
         limit_s = (
@@ -208,6 +213,11 @@ class Updates:
             work_dir=s.data_dir / "shadow", nice=s.validation_nice, timeout_s=s.validation_timeout_s,
             time_limit_s=limit_s, stop=self._stop,
         )  # fmt: skip
+        self._shadow_done(report, reason)
+
+    def _shadow_done(self, report: ShadowReport, reason: str) -> None:
+        """Report a shadow result (``shadow`` event, ``/v1/status``); ``ShadowFailed`` when it failed."""
+        st = self.journal.state
         log.info("%s v%s: %s", st.target_model, st.target_version, reason)
         self.last_shadow = {"model": st.target_model, "version": st.target_version, "ok": report.passed,
                             "reason": reason, **report.model_dump(mode="json")}  # fmt: skip
@@ -254,6 +264,7 @@ class Updates:
         if not verdict.passed:
             raise ProbationFailed(verdict.reason)
         self.runtime.drop_standby()
+        self.store.mark_committed(st.target_model or "", st.target_version or "")
         self.journal.advance(
             Event.done, reason=verdict.reason, serving_model=st.target_model, serving_version=st.target_version
         )

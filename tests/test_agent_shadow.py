@@ -297,7 +297,7 @@ def test_an_equivalent_reexport_passes_shadow_without_slowing_requests(
 
 
 @pytest.mark.slow
-def test_without_traffic_the_golden_data_stands_in_and_the_report_says_so(
+def test_without_traffic_the_golden_data_stands_in_and_a_version_that_served_here_is_not_compared_again(
     agent_stack: AgentStack, shadow_versions: dict[str, str], tmp_path: Path
 ) -> None:
     stack, base, reexport = agent_stack, shadow_versions["base"], shadow_versions["reexport"]
@@ -316,5 +316,12 @@ def test_without_traffic_the_golden_data_stands_in_and_the_report_says_so(
             lambda: [e for e in stack.events(agent.device_id) if e["version"] == reexport and e["state"] == "shadow"],
         )
         assert events[0]["ok"] and "only 0 live frames" in str(events[0]["reason"]), events
+        # Back to the base version, which served here and passed its probation: neither validated nor compared
+        # again (the comparison would wait 30 s for frames, then run the golden data).
+        _roll_out(stack, "shadow-idle", base)
+        status = agent.wait_serving(base, timeout_s=UPDATE_TIMEOUT_S)
+        shadow = status["shadow"]
+        assert shadow["version"] == base and shadow["source"] == "skipped", shadow
+        assert "served here and passed its probation before" in shadow["reason"], shadow
     finally:
         agent.stop()
