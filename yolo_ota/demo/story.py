@@ -21,7 +21,7 @@ import signal
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,6 +68,27 @@ def uninterrupted() -> Iterator[None]:
             signal.signal(number, handler)
 
 
+class Background(threading.Thread):
+    """``target(*args)`` on a daemon thread, started at once; ``result()`` waits and raises what it raised."""
+
+    def __init__(self, target: Callable[..., None], *args: Any) -> None:
+        super().__init__(daemon=True)
+        self._call = lambda: target(*args)
+        self._error: BaseException | None = None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self._call()
+        except BaseException as exc:  # handed to the thread that calls result()
+            self._error = exc
+
+    def result(self) -> None:
+        self.join()
+        if self._error is not None:
+            raise self._error
+
+
 @dataclass(frozen=True)
 class DemoOptions:
     data_dir: Path | None = None
@@ -85,6 +106,7 @@ class Demo:
     narrator: Narrator = field(init=False)
     traffic: Traffic | None = None
     context: StoryContext | None = None
+    bring_up: Background | None = None
     training_s: float = 0.0
 
     def __post_init__(self) -> None:
@@ -109,6 +131,8 @@ class Demo:
                 self._stay_up(stack)
         finally:
             with uninterrupted():
+                if self.bring_up is not None:
+                    self.bring_up.join()  # whatever it started is stopped below, with the rest
                 if self.traffic is not None:
                     self.traffic.stop()
                 stack.stop()
@@ -127,23 +151,20 @@ class Demo:
         private_key, public_key = generate_keypair(data_dir / "keys")
         self.say(f"signing key made: {private_key} (the agents trust {public_key.name})")
         stack.launch_mlflow()
+        devices = fleet_specs(o.devices)
+        # MLflow, the service and the agents come up while the detector trains and v1 is exported.
+        self.bring_up = Background(stack.bring_up, DEMO_WAVES, devices, public_key)
         bundles = data_dir / "bundles"
         narrator.step(f"v1 and v2: a YOLOv8n trained on synthetic PCB scenes (cached in {cache_root()})")
         weights, self.training_s = trained_weights(self.say)
         golden = golden_scenes(bundles / "golden", o.imgsz)
         v1 = self._export("v1", weights["v1"], bundles, private_key, golden)
-        stack.wait_mlflow()
-        self.say(f"MLflow server up at {stack.mlflow_url} (SQLite, artifacts served from the data dir)")
-        stack.start_service(DEMO_WAVES)
-        self.say(f"rollout service up at {stack.service_url} (SQLite; MLflow calls its alias webhook)")
-        devices = fleet_specs(o.devices)
-        stack.launch_agents(devices, public_key)
         later: dict[str, Built] = {}
         builder = threading.Thread(
             target=self._build_later, args=(weights["v2"], bundles, private_key, golden, later), daemon=True
         )
-        builder.start()  # v2..v4 are exported while the agents start and the fleet takes v1
-        stack.wait_agents()
+        builder.start()  # v2..v4 are exported while the fleet takes v1
+        self.bring_up.result()
         operator = Operator(stack.service_url, stack.operator_token)
         watch = FleetWatch(operator, self.say, stack.check_running)
         ctx = self.context = StoryContext(narrator, operator, watch, o.model_name, o.step_timeout_s)
