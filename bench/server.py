@@ -46,6 +46,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from exporters.device_identity import DeviceKey, enrollment_body
 from yolo_ota.processes import RunningServer
 from yolo_ota.scratch_postgres import create_postgres_database, drop_postgres_database, postgres_reachable
 from yolo_ota.servers import ServiceTokens, start_mlflow, start_service
@@ -145,12 +146,13 @@ async def enroll(url: str, count: int, concurrency: int, fingerprint: dict[str, 
 
         async def one(index: int) -> None:
             device_id = f"bench-{index:06d}"
-            body = {
-                "enrollment_token": TOKENS.enrollment,
-                "device_id": device_id,
-                "labels": {"line": f"line-{index % 20}", "site": "bench"},
-                "fingerprint": fingerprint,
-            }
+            body = enrollment_body(
+                DeviceKey.generate(),
+                device_id,
+                fingerprint=fingerprint,
+                labels={"line": f"line-{index % 20}", "site": "bench"},
+                enrollment_token=TOKENS.enrollment,
+            )
             answer = await client.post("/v1/devices/enroll", json=body)
             if answer.status_code != 200:
                 raise RuntimeError(f"enrolling {device_id}: HTTP {answer.status_code} {answer.text[:300]}")

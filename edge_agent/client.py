@@ -1,5 +1,10 @@
-"""Talking to the rollout service: enrollment (once; the device token is kept in the data dir), desired state
-with its ETag, and reports. Every failure becomes an ``edge_agent.errors`` error that says whether to retry.
+"""Talking to the rollout service: enrollment (signed by the device's own key, ``device-key.pem``; the device
+token it gives is kept in the data dir), desired state with its ETag, and reports. Every failure becomes an
+``edge_agent.errors`` error that says whether to retry.
+
+An id the service does not know yet needs the enrollment token; it may then wait for an operator (202), and the
+agent asks again every poll interval, serving what it has meanwhile. A device that already has a token but made
+its key only now (it was enrolled before devices had keys) enrolls once with both, so the service takes its key.
 """
 
 from __future__ import annotations
@@ -9,9 +14,16 @@ from typing import Any
 
 import httpx
 
-from edge_agent.errors import EnrollmentRefused, ServiceAnswerError, ServiceUnavailable
+from edge_agent.errors import (
+    AgentSettingsError,
+    EnrollmentPending,
+    EnrollmentRefused,
+    ServiceAnswerError,
+    ServiceUnavailable,
+)
 from edge_agent.protocol import DesiredState, Enrolled, Report
 from edge_agent.settings import AgentSettings
+from exporters.device_identity import KEY_FILE, DeviceKey, enrollment_body
 from exporters.errors import one_line
 from exporters.files import atomic_write
 from exporters.fingerprint import Fingerprint
@@ -30,6 +42,12 @@ class ServiceClient:
         self._token_path = settings.data_dir / TOKEN_FILE
         self._http = httpx.Client(base_url=settings.server, timeout=settings.http_timeout_s)
         self._token: str | None = None
+        had_key = (settings.data_dir / KEY_FILE).is_file()
+        try:
+            self._key = DeviceKey.load_or_create(settings.data_dir)
+        except (OSError, ValueError) as exc:
+            raise AgentSettingsError(f"device key in {settings.data_dir}: {one_line(exc)}") from None
+        self._adopt_key = not had_key and self._token_path.is_file()  # enrolled before devices had keys
 
     def close(self) -> None:
         self._http.close()
@@ -45,23 +63,26 @@ class ServiceClient:
             self._token = self._token_path.read_text().strip() or None
         return self._token
 
-    def enroll(self) -> Enrolled:
-        """Enroll with the enrollment token and keep the device token (mode 0600) for every later start."""
-        if not self._settings.enrollment_token:
-            raise EnrollmentRefused(
-                f"device {self._settings.device_id} has no saved device token and no enrollment token was given"
-            )
-        body = {
-            "enrollment_token": self._settings.enrollment_token,
-            "device_id": self._settings.device_id,
-            "labels": self._settings.labels,
-            "fingerprint": self._fingerprint.model_dump(mode="json"),
-        }
-        response = self._send("POST", "/v1/devices/enroll", json=body, authorized=False)
-        if response.status_code in (401, 403, 422):
-            raise EnrollmentRefused(f"enrollment refused ({response.status_code}): {_detail(response)}")
+    def enroll(self, *, show_token: bool = False) -> Enrolled:
+        """Enroll with this device's key (and the enrollment token, if any) and keep the device token (mode 0600)
+        for every later start; ``EnrollmentPending`` while an operator has not accepted the key."""
+        body = enrollment_body(
+            self._key,
+            self._settings.device_id,
+            fingerprint=self._fingerprint.model_dump(mode="json"),
+            labels=self._settings.labels,
+            enrollment_token=self._settings.enrollment_token,
+        )
+        response = self._send("POST", "/v1/devices/enroll", json=body, authorized=show_token)
+        if response.status_code in (401, 403, 409, 422):
+            hint = "" if self._settings.enrollment_token else " (no enrollment token was given)"
+            raise EnrollmentRefused(f"enrollment refused ({response.status_code}): {_detail(response)}{hint}")
         _raise_for_status(response)
         enrolled = Enrolled.model_validate_json(response.content)
+        if enrolled.device_token is None:
+            raise EnrollmentPending(
+                f"device {self._settings.device_id} waits for an operator to accept its key: {enrolled.reason}"
+            )
         atomic_write(self._token_path, enrolled.device_token, mode=0o600)
         self._token = enrolled.device_token
         log.info("device %s enrolled with %s", self._settings.device_id, self._settings.server)
@@ -87,9 +108,13 @@ class ServiceClient:
     def _authorized(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         if self._load_token() is None:
             self.enroll()
+        elif self._adopt_key:
+            self.enroll(show_token=True)
+            self._adopt_key = False
         response = self._send(method, path, **kwargs)
-        if response.status_code in (401, 404) and self._settings.enrollment_token:
-            # The token was rotated or the service lost this device: enroll again once, then retry.
+        if response.status_code in (401, 404):
+            # The token was rotated, an operator accepted a new key, or the service lost this device: enroll
+            # again once (the key proves who this is), then retry.
             log.warning("device token refused (%d): enrolling again", response.status_code)
             self._token = None
             self.enroll()

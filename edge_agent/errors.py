@@ -6,7 +6,8 @@ AgentError
 ├── ModelOutputError        the serving model answered NaN or infinite values    (not retryable)
 ├── ServiceAnswerError      the rollout service did not give a usable answer
 │   ├── ServiceUnavailable  unreachable, timed out, 5xx: back off and poll again  (retryable)
-│   └── EnrollmentRefused   wrong enrollment token or refused fingerprint        (not retryable)
+│   ├── EnrollmentPending   enrolled, waiting for an operator to accept this key  (retryable)
+│   └── EnrollmentRefused   wrong enrollment token, retired id, bad proof         (not retryable)
 ├── UpdateRejected          this version must not run here; report why, keep serving (not retryable)
 │   ├── VerificationFailed  digest, signature, fingerprint or unsafe path
 │   ├── ValidationFailed    load, detection parity, latency budget or memory headroom on this device
@@ -49,8 +50,14 @@ class ServiceUnavailable(ServiceAnswerError):
     retryable = True
 
 
+class EnrollmentPending(ServiceAnswerError):
+    """The service holds this device's key for an operator to accept; the agent asks again every poll interval."""
+
+    retryable = True
+
+
 class EnrollmentRefused(ServiceAnswerError):
-    """The service refused to enroll this device (token or fingerprint)."""
+    """The service refused to enroll this device (enrollment token, a retired id, a proof it does not accept)."""
 
 
 class UpdateRejected(AgentError):

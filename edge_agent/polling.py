@@ -11,7 +11,7 @@ import time
 from typing import Any
 
 from edge_agent.client import ServiceClient
-from edge_agent.errors import EnrollmentRefused, ServiceAnswerError
+from edge_agent.errors import EnrollmentPending, EnrollmentRefused, ServiceAnswerError
 from edge_agent.protocol import DesiredState
 from edge_agent.reporting import backoff_s
 from edge_agent.settings import AgentSettings
@@ -37,6 +37,11 @@ class Poller:
         """The desired state (None when unchanged or unreachable) and the seconds to wait before the next poll."""
         try:
             desired = self._client.desired(self._etag)
+        except EnrollmentPending as exc:
+            self.last_poll = {"ok": False, "at": time.time(), "error": str(exc)}
+            delay = self._jittered(self.interval_s)
+            log.warning("%s; asking again in %.1f s", exc, delay)
+            return None, delay
         except ServiceAnswerError as exc:
             self._failures += 1
             self.last_poll = {"ok": False, "at": time.time(), "error": str(exc)}

@@ -23,8 +23,10 @@ class _Sent(BaseModel):
 
 class Enrolled(_Answer):
     device_id: str
-    device_token: str
+    status: str = "accepted"  # accepted | pending
+    device_token: str | None
     poll_interval_s: int
+    reason: str = ""
 
 
 class DesiredFile(_Answer):

@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from edge_agent.errors import AgentSettingsError
@@ -35,7 +35,8 @@ class AgentSettings(LayeredSettings):
     server: str  # rollout service base URL
     device_id: str
     data_dir: Path
-    enrollment_token: str | None = None  # only needed until the device token is saved
+    enrollment_token: str | None = None  # only needed to enroll a new id
+    enrollment_token_file: Path | None = None  # the same, read from a file (neither a flag nor `ps` shows it)
     public_key: Path | None = None  # with a key, unsigned or badly signed bundles are refused
     listen: str | None = "127.0.0.1:8710"  # local API; None: no HTTP server (in-process use)
     labels: dict[str, str] = Field(default_factory=dict)
@@ -66,6 +67,17 @@ class AgentSettings(LayeredSettings):
     # Seconds to wait right after a state is saved, before its step runs: for crash-recovery drills (kill the
     # agent while it sits in a state) and demos. Empty in production.
     pause_on_enter: dict[str, float] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _token_from_file(cls, values: Any) -> Any:
+        if isinstance(values, dict) and values.get("enrollment_token_file") and not values.get("enrollment_token"):
+            path = Path(values["enrollment_token_file"])
+            try:
+                values["enrollment_token"] = path.read_text().strip() or None
+            except OSError as exc:
+                raise ValueError(f"enrollment_token_file: cannot read {path}: {exc.strerror}") from None
+        return values
 
     @field_validator("server")
     @classmethod

@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 from servers import ENROLLMENT_TOKEN, OPERATOR_TOKEN
 
+from exporters.device_identity import DeviceKey, enrollment_body
 from exporters.fingerprint import collect
 
 
@@ -34,6 +35,7 @@ class Fleet:
         self.url = url
         self.http = httpx.Client(base_url=url, timeout=30)
         self.devices: dict[str, SimDevice] = {}
+        self.keys: dict[str, DeviceKey] = {}  # each simulated device keeps its key across enrollments
         self._operator = {"Authorization": f"Bearer {OPERATOR_TOKEN}"}
 
     def close(self) -> None:
@@ -75,15 +77,12 @@ class Fleet:
     # -- devices ---------------------------------------------------------------------------------------------
 
     def enroll(self, device_id: str, labels: dict[str, str] | None = None, **fingerprint: Any) -> SimDevice:
-        answer = self.http.post(
-            "/v1/devices/enroll",
-            json={
-                "enrollment_token": ENROLLMENT_TOKEN,
-                "device_id": device_id,
-                "labels": labels or {},
-                "fingerprint": device_fingerprint(**fingerprint),
-            },
-        )
+        key = self.keys.setdefault(device_id, DeviceKey.generate())
+        body = enrollment_body(
+            key, device_id, fingerprint=device_fingerprint(**fingerprint), labels=labels,
+            enrollment_token=ENROLLMENT_TOKEN,
+        )  # fmt: skip
+        answer = self.http.post("/v1/devices/enroll", json=body)
         assert answer.status_code == 200, answer.text
         device = SimDevice(device_id, answer.json()["device_token"])
         self.devices[device_id] = device

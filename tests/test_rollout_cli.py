@@ -10,6 +10,7 @@ import httpx
 import pytest
 from servers import ENROLLMENT_TOKEN, OPERATOR_TOKEN
 
+from exporters.device_identity import DeviceKey, enrollment_body
 from exporters.fingerprint import collect
 from yolo_ota.processes import RunningServer, free_port
 
@@ -112,12 +113,13 @@ def test_show_reports_a_device_and_its_telemetry(rollout, fleet_model, service) 
     device_id = f"cam-{label.partition('=')[2]}"
     enrolled = httpx.post(
         f"{service.url}/v1/devices/enroll",
-        json={
-            "enrollment_token": ENROLLMENT_TOKEN,
-            "device_id": device_id,
-            "labels": {"line": label.partition("=")[2]},
-            "fingerprint": collect().model_dump(mode="json"),
-        },
+        json=enrollment_body(
+            DeviceKey.generate(),
+            device_id,
+            fingerprint=collect().model_dump(mode="json"),
+            labels={"line": label.partition("=")[2]},
+            enrollment_token=ENROLLMENT_TOKEN,
+        ),
         timeout=30,
     )
     assert enrolled.status_code == 200, enrolled.text

@@ -14,11 +14,12 @@ import httpx
 import pytest
 from servers import ENROLLMENT_TOKEN, OPERATOR_TOKEN
 
+from exporters.device_identity import DeviceKey, enrollment_body
 from exporters.fingerprint import collect
 from yolo_ota.processes import RunningServer
 
 MODEL = "pcb-line"
-# Open: no bearer token (enrollment carries the enrollment token in its body).
+# Open: no bearer token (enrollment is signed by the device's key and carries the enrollment token in its body).
 OPEN_ROUTES = frozenset({("GET", "/healthz"), ("GET", "/metrics"), ("POST", "/v1/devices/enroll")})
 DEVICE_ROUTES = frozenset({("GET", "/v1/devices/{device_id}/desired"), ("POST", "/v1/devices/{device_id}/reports")})
 KNOWN_ROUTES = DEVICE_ROUTES | {
@@ -31,8 +32,19 @@ KNOWN_ROUTES = DEVICE_ROUTES | {
     ("POST", "/v1/rollouts/{rollout_id}/resume"),
     ("POST", "/v1/rollouts/{rollout_id}/abort"),
     ("POST", "/v1/rollouts/{rollout_id}/rollback"),
+    ("POST", "/v1/rollouts/{rollout_id}/approve"),
+    ("POST", "/v1/rollouts/{rollout_id}/reject"),
     ("GET", "/v1/audit"),
     ("GET", "/v1/promotions"),
+    ("GET", "/v1/tokens"),
+    ("POST", "/v1/tokens"),
+    ("POST", "/v1/tokens/{name}/revoke"),
+    ("GET", "/v1/enrollment-tokens"),
+    ("POST", "/v1/enrollment-tokens"),
+    ("POST", "/v1/enrollment-tokens/{name}/revoke"),
+    ("POST", "/v1/devices/{device_id}/accept"),
+    ("POST", "/v1/devices/{device_id}/reject"),
+    ("POST", "/v1/devices/{device_id}/decommission"),
 }
 BAD_CREDENTIALS = {
     "no header": None,
@@ -54,16 +66,19 @@ def http(service: RunningServer) -> Iterator[httpx.Client]:
         yield client
 
 
-def enroll(http: httpx.Client, device_id: str, enrollment_token: str = ENROLLMENT_TOKEN) -> httpx.Response:
-    return http.post(
-        "/v1/devices/enroll",
-        json={
-            "enrollment_token": enrollment_token,
-            "device_id": device_id,
-            "labels": {"line": "auth"},
-            "fingerprint": collect().model_dump(mode="json"),
-        },
+KEYS: dict[str, DeviceKey] = {}  # each test device's own key, made on its first enrollment
+
+
+def enroll(http: httpx.Client, device_id: str, enrollment_token: str | None = ENROLLMENT_TOKEN) -> httpx.Response:
+    key = KEYS.setdefault(device_id, DeviceKey.generate())
+    body = enrollment_body(
+        key,
+        device_id,
+        fingerprint=collect().model_dump(mode="json"),
+        labels={"line": "auth"},
+        enrollment_token=enrollment_token,
     )
+    return http.post("/v1/devices/enroll", json=body)
 
 
 def enrolled_token(http: httpx.Client, device_id: str) -> str:
@@ -113,7 +128,7 @@ def routes(http: httpx.Client) -> set[tuple[str, str]]:
 
 def fill(path: str, *, device_id: str, rollout_id: int) -> str:
     """The path template with its parameters set to existing objects; an unknown parameter fails the test."""
-    values = {"device_id": device_id, "rollout_id": str(rollout_id)}
+    values = {"device_id": device_id, "rollout_id": str(rollout_id), "name": "auth-check"}
     return re.sub(r"\{(\w+)\}", lambda match: values[match.group(1)], path)
 
 
@@ -126,6 +141,8 @@ def call(http: httpx.Client, method: str, path: str, seeded: dict[str, Any], aut
         body = {"events": []} if path.endswith("/reports") else {"reason": "auth check"}
         if path == "/v1/rollouts":
             body = {"model": MODEL, "version": seeded["version"], "strategy": "canary", "supersede": True}
+        if path in ("/v1/tokens", "/v1/enrollment-tokens"):
+            body = {"name": "auth-check", **({"scope": "read"} if path == "/v1/tokens" else {})}
     return http.request(method, url, headers=headers, json=body, **kwargs)
 
 
@@ -187,18 +204,16 @@ def test_a_device_that_never_enrolled_is_refused(http: httpx.Client, seeded: dic
         assert answer.status_code == 401, (route, answer.text)
 
 
-def test_enrollment_needs_the_enrollment_token(http: httpx.Client, seeded: dict[str, Any]):
-    for wrong in ("not-the-enrollment-token", OPERATOR_TOKEN, ENROLLMENT_TOKEN + "x"):
-        answer = enroll(http, seeded["b"], enrollment_token=wrong)
+def test_a_new_id_needs_a_live_enrollment_token(http: httpx.Client, seeded: dict[str, Any]):
+    operator = bearer(OPERATOR_TOKEN)
+    for wrong in ("not-the-enrollment-token", OPERATOR_TOKEN, ENROLLMENT_TOKEN + "x", None):
+        answer = enroll(http, "auth-edge-new", enrollment_token=wrong)
         assert answer.status_code == 401, answer.text
         assert "device_token" not in answer.json()
-    # a refused enrollment does not touch the device: B's token is still the one that works
+    assert http.get("/v1/devices/auth-edge-new", headers=operator).status_code == 404
+    # B, already enrolled, is untouched by the refusals: its token still works
     desired = http.get(f"/v1/devices/{seeded['b']}/desired", headers=bearer(seeded["tokens"][seeded["b"]]))
     assert desired.status_code == 200, desired.text
-    operator = bearer(OPERATOR_TOKEN)
-    assert http.get("/v1/devices/auth-edge-new", headers=operator).status_code == 404
-    assert enroll(http, "auth-edge-new", enrollment_token="wrong").status_code == 401
-    assert http.get("/v1/devices/auth-edge-new", headers=operator).status_code == 404
 
 
 def test_reenrolling_rotates_the_device_token(http: httpx.Client, seeded: dict[str, Any]):

@@ -26,6 +26,7 @@ from schemathesis.config import SchemathesisConfig
 from schemathesis.engine import Status, events
 from servers import ENROLLMENT_TOKEN, OPERATOR_TOKEN
 
+from exporters.device_identity import DeviceKey, enrollment_body
 from exporters.fingerprint import collect
 from yolo_ota.processes import RunningServer
 
@@ -35,7 +36,7 @@ EXAMPLES_PER_OPERATION = 30
 DEVICE_PATHS = r"^/v1/devices/\{device_id\}/(desired|reports)$"
 # The operator run may re-enroll these (schemathesis reuses ids it saw in answers), so the device run enrolls afresh.
 SEEDED_DEVICES = ("contract-edge-a", "contract-edge-b")
-# No bearer token needed: enrollment carries the enrollment token in its body.
+# No bearer token needed: enrollment is signed by the device's key and carries the enrollment token in its body.
 OPEN_OPERATIONS = frozenset({"POST /v1/devices/enroll", "GET /healthz", "GET /metrics"})
 
 
@@ -48,12 +49,13 @@ def enroll(service: RunningServer, device_id: str) -> str:
     """Enroll ``device_id`` with this machine's fingerprint; returns its new token."""
     answer = httpx.post(
         service.url + "/v1/devices/enroll",
-        json={
-            "enrollment_token": ENROLLMENT_TOKEN,
-            "device_id": device_id,
-            "labels": {"line": "smt-1"},
-            "fingerprint": collect().model_dump(mode="json"),
-        },
+        json=enrollment_body(
+            DeviceKey.generate(),
+            device_id,
+            fingerprint=collect().model_dump(mode="json"),
+            labels={"line": "smt-1"},
+            enrollment_token=ENROLLMENT_TOKEN,
+        ),
         timeout=30,
     )
     assert answer.status_code == 200, answer.text

@@ -21,6 +21,7 @@ import uvicorn
 from fastapi import APIRouter, FastAPI
 from fastapi.routing import APIRoute
 
+from exporters.device_identity import DeviceKey, enrollment_body
 from registry.rollout_service.api import deps, devices, operations, rollouts
 from registry.rollout_service.app import create_app
 from registry.rollout_service.auth import AuthenticatedDevice, Operator
@@ -168,7 +169,7 @@ def _enroll(client: httpx.Client, device_id: str) -> str:
         "cudnn_benchmark": False,
         "deterministic": False,
     }
-    body = {"enrollment_token": ENROLLMENT_TOKEN, "device_id": device_id, "fingerprint": fingerprint}
+    body = enrollment_body(DeviceKey.generate(), device_id, fingerprint=fingerprint, enrollment_token=ENROLLMENT_TOKEN)
     answer = client.post("/v1/devices/enroll", json=body)
     assert answer.status_code == 200, answer.text
     return str(answer.json()["device_token"])

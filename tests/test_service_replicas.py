@@ -66,7 +66,9 @@ def test_two_services_on_one_database_do_not_double_advance(
 
 def test_concurrent_evaluations_of_one_wave_make_one_transition(tmp_path: Path, database_url: str) -> None:
     """Eight schedulers evaluate the same ready wave at the same instant: exactly one advances it."""
-    settings = ServiceSettings(database_url=database_url, operator_tokens="t", enrollment_token="e", data_dir=tmp_path)
+    settings = ServiceSettings(
+        database_url=database_url, operator_tokens="t=" + "t" * 16, enrollment_token="e" * 16, data_dir=tmp_path
+    )
     service = build_service(settings)
     try:
         sessions = service.rollouts._sessions

@@ -20,34 +20,34 @@ def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_no_default_secrets_outside_dev_mode(monkeypatch: pytest.MonkeyPatch) -> None:
-    with pytest.raises(ServiceSettingsError, match="YOLO_OTA_OPERATOR_TOKENS, YOLO_OTA_ENROLLMENT_TOKEN"):
+    with pytest.raises(ServiceSettingsError, match="no YOLO_OTA_OPERATOR_TOKENS set"):
         load_settings()
-    monkeypatch.setenv("YOLO_OTA_OPERATOR_TOKENS", "a=1")
-    monkeypatch.setenv("YOLO_OTA_ENROLLMENT_TOKEN", "e")
+    monkeypatch.setenv("YOLO_OTA_OPERATOR_TOKENS", "a=" + "1" * 16)
     monkeypatch.setenv("YOLO_OTA_PUBLIC_URL", "http://svc:8700")
     with pytest.raises(ServiceSettingsError, match="YOLO_OTA_WEBHOOK_SECRET"):
         load_settings()
     monkeypatch.setenv("YOLO_OTA_WEBHOOK_SECRET", "s")
-    assert load_settings().operator_token_list == ["a=1"]
+    assert [(e.name, e.token) for e in load_settings().operator_seeds] == [("a", "1" * 16)]
 
 
 def test_dev_mode_uses_well_known_tokens_only_where_none_are_set(monkeypatch: pytest.MonkeyPatch) -> None:
     settings = load_settings(dev_mode=True)
-    assert settings.operator_token_list == [DEV_OPERATOR_TOKEN]
+    assert [e.token for e in settings.operator_seeds] == [DEV_OPERATOR_TOKEN]
     assert settings.webhook_key is not None
-    monkeypatch.setenv("YOLO_OTA_OPERATOR_TOKENS", "mine")
-    assert load_settings(dev_mode=True).operator_token_list == ["mine"]
+    monkeypatch.setenv("YOLO_OTA_OPERATOR_TOKENS", "mine-is-long-enough")
+    assert [e.token for e in load_settings(dev_mode=True).operator_seeds] == ["mine-is-long-enough"]
 
 
 def test_flags_over_environment_over_config_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     config = tmp_path / "service.toml"
     config.write_text(
-        'operator_tokens = "from-file"\nenrollment_token = "e"\nport = 9001\nscheduler_interval_s = 2.5\n'
+        'operator_tokens = "from-the-config-file"\nport = 9001\nscheduler_interval_s = 2.5\n'
         "default_waves = [{percent = 20, bake_s = 60}, {percent = 100}]\n"
     )
     monkeypatch.setenv("YOLO_OTA_CONFIG", str(config))
     settings = load_settings()
-    assert (settings.port, settings.scheduler_interval_s, settings.operator_token_list) == (9001, 2.5, ["from-file"])
+    assert (settings.port, settings.scheduler_interval_s) == (9001, 2.5)
+    assert [e.token for e in settings.operator_seeds] == ["from-the-config-file"]
     assert [w.percent for w in settings.default_waves] == [20, 100]
     monkeypatch.setenv("YOLO_OTA_PORT", "9002")
     assert load_settings().port == 9002

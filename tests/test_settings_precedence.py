@@ -177,7 +177,7 @@ def test_promote_and_versions_reach_mlflow_tracking_uri(
 def test_config_show_names_each_source_and_masks_secrets(cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "c.toml"
     path.write_text('[server]\nport = 9001\nwebhook_secret = "file-secret"\n[agent]\nenrollment_token = "enroll-me"\n')
-    monkeypatch.setenv("YOLO_OTA_OPERATOR_TOKENS", "ops=op-secret")
+    monkeypatch.setenv("YOLO_OTA_OPERATOR_TOKENS", "ops=op-secret-of-enough-length")
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "mlflow-secret")
     monkeypatch.setenv("YOLO_OTA_MLFLOW_URI", "http://user:uri-secret@mlflow:5000")
     done = cli("config", "show", "--for", "server", "--for", "agent", "--config", str(path))

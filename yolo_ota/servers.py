@@ -155,14 +155,15 @@ def launch_agent(
     port = free_port()
     command = [
         *console_command("yolo-ota"), "agent", "--server", server_url, "--device-id", device_id,
-        "--enrollment-token", enrollment_token, "--data-dir", str(data_dir), "--listen", f"127.0.0.1:{port}",
+        "--data-dir", str(data_dir), "--listen", f"127.0.0.1:{port}",
     ]  # fmt: skip
     for key, value in (labels or {}).items():
         command += ["--label", f"{key}={value}"]
     if public_key is not None:
         command += ["--public-key", str(public_key)]
     command += extra_args
-    variables = {"CONFIG": own_config(data_dir), **(settings or {})}
+    # The enrollment token goes in the environment, not on the command line where `ps` shows it.
+    variables = {"CONFIG": own_config(data_dir), "ENROLLMENT_TOKEN": enrollment_token, **(settings or {})}
     child_env = clean_env({**(env or {}), **{f"YOLO_OTA_AGENT_{k}": v for k, v in variables.items()}})
     return launch(
         f"agent {device_id}", command, port=port, health_path=AGENT_READY_PATH, env=child_env,

@@ -18,7 +18,7 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 
 from registry.mlflow_gateway import MlflowGateway
-from registry.rollout_service.api import devices, operations, problems, rollouts
+from registry.rollout_service.api import access, devices, operations, problems, rollouts
 from registry.rollout_service.errors import RolloutServiceError
 from registry.rollout_service.service import Service, build_service
 from registry.rollout_service.settings import ServiceSettings
@@ -65,6 +65,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     app.include_router(operations.router)
     app.include_router(devices.router)
     app.include_router(rollouts.router)
+    app.include_router(access.router)
     return app
 
 

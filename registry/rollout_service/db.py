@@ -55,11 +55,43 @@ class Base(DeclarativeBase):
 
 
 class OperatorToken(Base):
+    """An operator's bearer token, by its sha256; the token itself is shown once, when it is made."""
+
     __tablename__ = "operator_tokens"
 
     token_sha256: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
     name: Mapped[str] = mapped_column(sa.String(128))
     created_at: Mapped[datetime]
+    scope: Mapped[str] = mapped_column(sa.String(16), server_default="admin")  # read | operate | admin
+    source: Mapped[str] = mapped_column(sa.String(16), server_default="setting")  # setting | api
+    created_by: Mapped[str | None] = mapped_column(sa.String(128))
+    expires_at: Mapped[datetime | None]
+    revoked_at: Mapped[datetime | None]
+
+
+class EnrollmentToken(Base):
+    """A token that admits new device ids: named, by its sha256, optionally expiring and auto-accepting by id."""
+
+    __tablename__ = "enrollment_tokens"
+
+    name: Mapped[str] = mapped_column(sa.String(128), primary_key=True)
+    token_sha256: Mapped[str] = mapped_column(sa.String(64), unique=True)
+    auto_accept: Mapped[str | None] = mapped_column(sa.String(256))  # shell pattern of ids accepted at once
+    source: Mapped[str] = mapped_column(sa.String(16))  # setting | api
+    created_by: Mapped[str | None] = mapped_column(sa.String(128))
+    created_at: Mapped[datetime]
+    expires_at: Mapped[datetime | None]
+    revoked_at: Mapped[datetime | None]
+
+
+class SeenStatement(Base):
+    """A signed statement already acted on (an enrollment proof, a webhook delivery): a replay is refused."""
+
+    __tablename__ = "seen_statements"
+
+    kind: Mapped[str] = mapped_column(sa.String(16), primary_key=True)
+    digest: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
+    expires_at: Mapped[datetime] = mapped_column(index=True)
 
 
 class Device(Base):
@@ -74,6 +106,24 @@ class Device(Base):
     model: Mapped[str | None] = mapped_column(sa.String(256))
     current_version: Mapped[str | None] = mapped_column(sa.String(32))
     state: Mapped[str | None] = mapped_column(sa.String(32))
+    # Identity: the base64 of its ed25519 public key (None: enrolled before devices had keys); its standing.
+    public_key: Mapped[str | None] = mapped_column(sa.String(64))
+    status: Mapped[str] = mapped_column(sa.String(16), server_default="accepted")  # pending|accepted|rejected|...
+    enrolled_via: Mapped[str | None] = mapped_column(sa.String(128))  # the enrollment token's name
+
+
+class KeyRequest(Base):
+    """An enrollment of an existing device id with a key that is not its own: it waits for an operator."""
+
+    __tablename__ = "device_key_requests"
+
+    device_id: Mapped[str] = mapped_column(
+        sa.String(128), sa.ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True
+    )
+    public_key: Mapped[str] = mapped_column(sa.String(64))
+    labels: Mapped[dict[str, Any]]
+    fingerprint: Mapped[dict[str, Any]]
+    requested_at: Mapped[datetime]
 
 
 class DeviceEvent(Base):
@@ -102,7 +152,7 @@ class Rollout(Base):
     version: Mapped[str] = mapped_column(sa.String(32))
     previous_version: Mapped[str | None] = mapped_column(sa.String(32))
     strategy: Mapped[str] = mapped_column(sa.String(16))
-    state: Mapped[str] = mapped_column(sa.String(16))
+    state: Mapped[str] = mapped_column(sa.String(32))
     selector: Mapped[dict[str, Any]]
     selector_key: Mapped[str] = mapped_column(sa.String(64))  # sha256 of the normalised selector: the device set
     waves: Mapped[list[Any]]

@@ -20,7 +20,7 @@ from registry.rollout_service.bundles import BundleCatalog
 from registry.rollout_service.db import Device, Rollout
 from registry.rollout_service.errors import NotFoundError
 from registry.rollout_service.records import DeviceView, RolloutView, read_generation
-from registry.rollout_service.schemas import DesiredFile, DesiredState
+from registry.rollout_service.schemas import UNAPPROVED_STATES, DesiredFile, DesiredState, DeviceStatus
 from registry.rollout_service.settings import ServiceSettings
 from registry.rollout_service.targeting import cohort_positions, place
 
@@ -94,7 +94,8 @@ class DesiredIndex:
         fleet = self._fleet
         if fleet is None:
             with self._sessions() as session:
-                fleet = [DeviceView.of(row) for row in session.execute(sa.select(Device).order_by(Device.id)).scalars()]
+                accepted = sa.select(Device).where(Device.status == DeviceStatus.accepted).order_by(Device.id)
+                fleet = [DeviceView.of(row) for row in session.execute(accepted).scalars()]
             self._fleet = fleet
         return fleet
 
@@ -140,6 +141,8 @@ class DesiredIndex:
         preference = self._settings.variant_order
         choice = DesiredChoice(None, None, None, None, None, _etag("none", self._settings.poll_interval_s))
         for rollout in rollouts:
+            if rollout.state in UNAPPROVED_STATES:
+                continue
             placement = place(rollout, device, self._catalog.summary, preference, self._cohort(rollout, generation))
             if placement.version is None or placement.variant is None:
                 continue

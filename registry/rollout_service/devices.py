@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-import secrets
 import threading
 from datetime import datetime
 from typing import cast
@@ -15,7 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from exporters.fingerprint import Fingerprint
 from registry.rollout_service.bundles import BundleCatalog, variant_to_offer
-from registry.rollout_service.db import Device, DeviceEvent, DeviceOutcome, Telemetry, transaction, utcnow
+from registry.rollout_service.db import Device, DeviceEvent, DeviceOutcome, KeyRequest, Telemetry, transaction, utcnow
 from registry.rollout_service.desired import DesiredIndex
 from registry.rollout_service.errors import (
     InvalidRequestError,
@@ -23,14 +22,14 @@ from registry.rollout_service.errors import (
     NotFoundError,
     RolloutServiceError,
 )
-from registry.rollout_service.records import RolloutView, audit, bump_generation
+from registry.rollout_service.records import RolloutView
 from registry.rollout_service.report_schemas import DeviceEventIn, DeviceReport, EventState, TelemetryIn
 from registry.rollout_service.schemas import (
     Compatibility,
     DeviceDetail,
-    DeviceEnroll,
     DeviceEventPublic,
     DevicePublic,
+    DeviceStatus,
 )
 from registry.rollout_service.settings import ServiceSettings
 from registry.rollout_service.targeting import CONTROL, TREATMENT
@@ -58,56 +57,40 @@ class DeviceRegistry:
         self._desired = desired
         self._settings = settings
         self._tokens: dict[str, str] = {}  # device id -> sha256 of its token, as last read
+        self._tokens_generation = -1  # the state generation the cached tokens were read at
         self._seen: dict[str, datetime] = {}  # heartbeats not yet written
         self._seen_lock = threading.Lock()
 
-    # -- enrollment and tokens -------------------------------------------------------------------------------
+    # -- tokens --------------------------------------------------------------------------------------------
 
-    def enroll(self, body: DeviceEnroll) -> str:
-        """Register (or re-register) a device and return its new token; an older token stops working."""
-        if not hmac.compare_digest(token_digest(body.enrollment_token), token_digest(self._settings.enrollment_secret)):
-            raise NotAuthenticatedError("wrong enrollment token")
-        token = secrets.token_urlsafe(32)
-        now = utcnow()
-        with transaction(self._sessions) as session:
-            row = session.get(Device, body.device_id)
-            if row is None:
-                row = Device(id=body.device_id, enrolled_at=now, last_seen_at=now)
-                session.add(row)
-                action = "enrolled"
-            else:
-                action = "re-enrolled"
-            row.labels = dict(body.labels)
-            row.fingerprint = body.fingerprint.model_dump(mode="json")
-            row.token_sha256 = token_digest(token)
-            row.last_seen_at = now
-            audit(
-                session,
-                actor=f"device:{body.device_id}",
-                action=action,
-                reason=f"labels {dict(sorted(body.labels.items()))}, torch {body.fingerprint.torch}, "
-                f"gpu {body.fingerprint.gpu_name or 'none'}",
-            )
-            bump_generation(session)
-        self._tokens[body.device_id] = token_digest(token)
-        self._desired.invalidate()
-        return token
+    def forget_tokens(self) -> None:
+        """Drop the cached tokens: a device's standing or token changed here."""
+        self._tokens = {}
+
+    def _cached(self, device_id: str) -> str | None:
+        """The cached token digest of ``device_id``, if the cache still belongs to the current state generation."""
+        generation = self._desired.refresh()
+        if generation != self._tokens_generation:
+            self._tokens, self._tokens_generation = {}, generation
+        return self._tokens.get(device_id)
 
     def authenticate(self, device_id: str, token: str) -> None:
         """Raise unless ``token`` is ``device_id``'s current token. A hit in the cache costs no database read."""
         digest = token_digest(token)
-        known = self._tokens.get(device_id)
+        known = self._cached(device_id)
         if known is not None and hmac.compare_digest(known, digest):
             return
         with self._sessions() as session:
-            stored = session.execute(sa.select(Device.token_sha256).where(Device.id == device_id)).scalar()
+            stored = session.execute(
+                sa.select(Device.token_sha256).where(Device.id == device_id, Device.status == DeviceStatus.accepted)
+            ).scalar()
         if stored is None or not hmac.compare_digest(stored, digest):
             raise NotAuthenticatedError("wrong device token")
         self._tokens[device_id] = stored
 
     def is_cached_token(self, device_id: str, token: str) -> bool:
         """True when ``token`` is the token this replica last saw for ``device_id`` (no database read)."""
-        known = self._tokens.get(device_id)
+        known = self._cached(device_id)
         return known is not None and hmac.compare_digest(known, token_digest(token))
 
     def device_of_token(self, token: str) -> str | None:
@@ -116,7 +99,9 @@ class DeviceRegistry:
             if hmac.compare_digest(known, digest):
                 return device_id
         with self._sessions() as session:
-            return session.execute(sa.select(Device.id).where(Device.token_sha256 == digest)).scalar()
+            return session.execute(
+                sa.select(Device.id).where(Device.token_sha256 == digest, Device.status == DeviceStatus.accepted)
+            ).scalar()
 
     # -- heartbeats ------------------------------------------------------------------------------------------
 
@@ -236,12 +221,25 @@ class DeviceRegistry:
     # -- reading ---------------------------------------------------------------------------------------------
 
     def list(
-        self, *, label: dict[str, str] | None = None, limit: int = 1000, offset: int = 0
+        self,
+        *,
+        label: dict[str, str] | None = None,
+        status: DeviceStatus | None = None,
+        waiting: bool = False,
+        limit: int = 1000,
+        offset: int = 0,
     ) -> tuple[list[DevicePublic], int]:
+        """Devices in id order; ``waiting``: only those with a decision for an operator (a new id, another key)."""
         query = sa.select(Device).order_by(Device.id)
+        if status is not None:
+            query = query.where(Device.status == status.value)
         with self._sessions() as session:
+            requests = dict(session.execute(sa.select(KeyRequest.device_id, KeyRequest.requested_at)).tuples().all())
             rows = [r for r in session.execute(query).scalars() if _has_labels(r, label or {})]
-            return [self._public(r) for r in rows[offset : offset + limit]], len(rows)
+            if waiting:
+                rows = [r for r in rows if r.status == DeviceStatus.pending or r.id in requests]
+            page = rows[offset : offset + limit]
+            return [self._public(r, requests.get(r.id)) for r in page], len(rows)
 
     def detail(self, device_id: str, *, model: str | None = None, version: str | None = None) -> DeviceDetail:
         with self._sessions() as session:
@@ -258,7 +256,10 @@ class DeviceRegistry:
                 .scalars()
                 .all()
             )
-            public = self._public(row)
+            public = self._public(
+                row,
+                session.execute(sa.select(KeyRequest.requested_at).where(KeyRequest.device_id == device_id)).scalar(),
+            )
             fingerprint = Fingerprint.model_validate(row.fingerprint)
         compatibility = None
         if model and version:
@@ -291,7 +292,7 @@ class DeviceRegistry:
             compatibility=compatibility,
         )
 
-    def _public(self, row: Device) -> DevicePublic:
+    def _public(self, row: Device, key_requested_at: datetime | None = None) -> DevicePublic:
         pending = self._seen.get(row.id)
         last_seen = max(filter(None, (row.last_seen_at, pending)), default=None)
         return DevicePublic(
@@ -303,6 +304,9 @@ class DeviceRegistry:
             model=row.model,
             current_version=row.current_version,
             state=row.state,
+            status=DeviceStatus(row.status),
+            public_key=row.public_key,
+            key_change_requested_at=key_requested_at,
         )
 
 

@@ -1,5 +1,6 @@
 """Progress of one rollout: who is targeted, skipped, in which wave and arm, who succeeded or failed, and the
-telemetry per arm. Read-only; the scheduler decides on it, ``GET /v1/rollouts/{id}`` shows it.
+telemetry per arm; and ``decide``, the scheduler's reading of it (before the fleet analysis has its say).
+Read-only; ``GET /v1/rollouts/{id}`` shows it.
 """
 
 from __future__ import annotations
@@ -8,14 +9,14 @@ import statistics
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from registry.rollout_service.db import DeviceOutcome, Telemetry
 from registry.rollout_service.records import DeviceView, RolloutView
-from registry.rollout_service.schemas import ArmTelemetry, WaveProgress
+from registry.rollout_service.schemas import ArmTelemetry, Strategy, WaveProgress
 from registry.rollout_service.targeting import CONTROL, TREATMENT, SummaryOf, cohort_positions, place
 
 
@@ -167,3 +168,45 @@ def _weighted(values: list[float], weights: list[int]) -> float | None:
 def _quantile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the scheduler wants to do with one running rollout."""
+
+    action: str  # halt | advance | complete | wait
+    reason: str
+
+
+def decide(rollout: RolloutView, progress: RolloutProgress, *, now: datetime) -> Decision:
+    """Halt past the failure threshold; after the bake time, advance (or complete) at the success threshold."""
+    index = rollout.current_wave
+    spec = rollout.waves[index]
+    if rollout.strategy == Strategy.ab:
+        treatment = progress.arms.get("treatment")
+        if treatment and treatment.devices and treatment.failed / treatment.devices > spec["max_failure_rate"]:
+            return Decision(
+                "halt",
+                f"treatment arm: {treatment.failed} of {treatment.devices} devices failed "
+                f"({treatment.failed / treatment.devices:.0%} > {spec['max_failure_rate']:.0%})",
+            )
+        return Decision("wait", "A/B tests run until an operator ends them")
+    included = progress.included(index)
+    if included.devices:
+        failure_rate = included.failed / included.devices
+        if failure_rate > spec["max_failure_rate"]:
+            return Decision(
+                "halt",
+                f"wave {index + 1}: {included.failed} of {included.devices} devices failed "
+                f"({failure_rate:.0%} > {spec['max_failure_rate']:.0%})",
+            )
+    started = rollout.wave_started_at or rollout.created_at
+    if now - started < timedelta(seconds=float(spec["bake_s"])):
+        return Decision("wait", "baking")
+    success_rate = included.succeeded / included.devices if included.devices else 1.0
+    if success_rate < spec["min_success_rate"]:
+        return Decision("wait", f"wave {index + 1}: {included.succeeded} of {included.devices} succeeded so far")
+    summary = f"wave {index + 1}: {included.succeeded} of {included.devices} devices succeeded"
+    if index + 1 < len(rollout.waves):
+        return Decision("advance", f"{summary}; on to wave {index + 2} ({rollout.waves[index + 1]['percent']:g}%)")
+    return Decision("complete", summary)

@@ -21,10 +21,11 @@ from registry.mlflow_gateway import MlflowGateway
 from registry.rollout_service.bundles import BundleCatalog
 from registry.rollout_service.db import AliasState, Promotion, transaction, utcnow
 from registry.rollout_service.errors import RolloutServiceError, UpstreamUnavailableError
-from registry.rollout_service.records import audit
+from registry.rollout_service.records import audit, remember_once
 from registry.rollout_service.rollouts import RolloutManager
 from registry.rollout_service.schemas import RolloutCreate, Strategy
 from registry.rollout_service.settings import ServiceSettings
+from registry.rollout_service.webhooks import WEBHOOK_REPLAY_WINDOW_S
 from registry.tags import ROLLOUT_TAG
 
 log = logging.getLogger(__name__)
@@ -102,10 +103,17 @@ class PromotionWatcher:
             previous_version=rolled_out if rolled_out != version else None,
             reason=f"alias {alias} moved to version {version} (seen by {via})",
         )
-        rollout = self._manager.create(body, actor=ACTOR)
+        waiting = self._settings.promotion_approval == "required"
+        rollout = self._manager.create(body, actor=ACTOR, waiting=waiting)
         self._record(model, alias, version, "rollout", rollout.id, body.reason)
-        self._tag(model, version, f"rollout {rollout.id} ({rollout.strategy}) started {utcnow():%Y-%m-%dT%H:%M:%SZ}")
-        return f"rollout {rollout.id}"
+        started = "waits for approval since" if waiting else "started"
+        self._tag(model, version, f"rollout {rollout.id} ({rollout.strategy}) {started} {utcnow():%Y-%m-%dT%H:%M:%SZ}")
+        return f"rollout {rollout.id}" + (" (waiting for approval)" if waiting else "")
+
+    def remember_delivery(self, delivery_id: str) -> None:
+        """Record a verified webhook's delivery id; 401 when it was delivered before (a replay)."""
+        with transaction(self._sessions) as session:
+            remember_once(session, "webhook", delivery_id, WEBHOOK_REPLAY_WINDOW_S * 2, what="this webhook delivery")
 
     # -- steps -----------------------------------------------------------------------------------------------
 

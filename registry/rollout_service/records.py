@@ -1,17 +1,21 @@
-"""Small shared steps on the database: the audit log, the state generation, and rows as plain views."""
+"""Small shared steps on the database: the audit log, the state generation, the replay guard, and rows as plain
+views."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from exporters.fingerprint import Fingerprint
-from registry.rollout_service.db import AuditRecord, Device, Rollout, StateGeneration, utcnow
+from registry.rollout_service.db import AuditRecord, Device, Rollout, SeenStatement, StateGeneration, utcnow
+from registry.rollout_service.errors import NotAuthenticatedError
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +48,20 @@ def bump_generation(session: Session) -> None:
 
 def read_generation(session: Session) -> int:
     return int(session.execute(sa.select(StateGeneration.generation).where(StateGeneration.id == 1)).scalar_one())
+
+
+def remember_once(session: Session, kind: str, statement: str, keep_s: float, *, what: str) -> None:
+    """Record ``statement`` as used (kept ``keep_s``); 401 when it was used before: a replay."""
+    digest = hashlib.sha256(statement.encode()).hexdigest()
+    now = utcnow()
+    session.execute(sa.delete(SeenStatement).where(SeenStatement.expires_at < now))
+    if session.get(SeenStatement, (kind, digest)) is not None:
+        raise NotAuthenticatedError(f"{what} was used before; a replay is refused")
+    session.add(SeenStatement(kind=kind, digest=digest, expires_at=now + timedelta(seconds=keep_s)))
+    try:
+        session.flush()
+    except IntegrityError:  # another replica recorded it at the same moment
+        raise NotAuthenticatedError(f"{what} was used before; a replay is refused") from None
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
@@ -20,7 +19,7 @@ from registry.rollout_service.assignment import selector_key
 from registry.rollout_service.bundles import BundleCatalog
 from registry.rollout_service.db import Rollout, transaction, utcnow
 from registry.rollout_service.errors import ConflictError, InvalidRequestError, NotFoundError
-from registry.rollout_service.progress import RolloutProgress, measure
+from registry.rollout_service.progress import Decision, RolloutProgress, decide, measure
 from registry.rollout_service.records import DeviceView, RolloutView, audit, bump_generation
 from registry.rollout_service.schemas import ACTIVE_STATES, RolloutCreate, RolloutState, Strategy, WaveSpec
 from registry.rollout_service.settings import ServiceSettings
@@ -33,18 +32,12 @@ _CONTROLS: dict[str, tuple[frozenset[RolloutState], RolloutState]] = {
     "resume": (frozenset({RolloutState.paused, RolloutState.halted}), RolloutState.running),
     "abort": (ACTIVE_STATES, RolloutState.aborted),
     "rollback": (ACTIVE_STATES | {RolloutState.completed, RolloutState.aborted}, RolloutState.rolled_back),
+    "approve": (frozenset({RolloutState.waiting_for_approval}), RolloutState.running),
+    "reject": (frozenset({RolloutState.waiting_for_approval}), RolloutState.rejected),
 }
 CONTROL_ACTIONS = tuple(_CONTROLS)
 # scheduler decisions that stop a rollout -> the state they lead to
 _STOPS = {"halt": RolloutState.halted, "rollback": RolloutState.rolled_back, "pause": RolloutState.paused}
-
-
-@dataclass(frozen=True)
-class Decision:
-    """What the scheduler wants to do with one running rollout."""
-
-    action: str  # halt | advance | complete | wait
-    reason: str
 
 
 class RolloutManager:
@@ -87,13 +80,17 @@ class RolloutManager:
 
     # -- creating --------------------------------------------------------------------------------------------
 
-    def create(self, body: RolloutCreate, *, actor: str) -> RolloutView:
-        """Check the versions in the registry, supersede or refuse an active rollout of the same device set, start."""
+    def create(self, body: RolloutCreate, *, actor: str, waiting: bool = False) -> RolloutView:
+        """Check the versions in the registry, supersede or refuse an active rollout of the same device set, start.
+
+        ``waiting``: create it ``waiting_for_approval`` instead; it offers nothing and supersedes nothing until an
+        operator approves it (``control(..., "approve")``).
+        """
         self._check_versions(body)
         key = selector_key(body.selector.model_dump())
         now = utcnow()
         with transaction(self._sessions) as session:
-            active = self._active(session, body.model, key)
+            active = [] if waiting else self._active(session, body.model, key)
             if active and not body.supersede:
                 ids = ", ".join(str(r.id) for r in active)
                 raise ConflictError(
@@ -101,6 +98,8 @@ class RolloutManager:
                     "finish it, or pass supersede=true"
                 )
             row = self._new_row(session, body, key, actor=actor, now=now)
+            if waiting:
+                row.state = RolloutState.waiting_for_approval.value
             session.add(row)
             session.flush()
             for old in active:
@@ -112,7 +111,9 @@ class RolloutManager:
                 rollout_id=row.id,
                 model=row.model,
                 version=row.version,
-                reason=f"{row.strategy} rollout" + (f": {body.reason}" if body.reason else ""),
+                reason=f"{row.strategy} rollout"
+                + (", waiting for approval" if waiting else "")
+                + (f": {body.reason}" if body.reason else ""),
             )
             bump_generation(session)
             view = RolloutView.of(row)
@@ -201,10 +202,40 @@ class RolloutManager:
             )
         if action == "rollback" and current.control_version is None:
             raise ConflictError(f"rollout {rollout_id} has no previous version to roll back to")
+        if action == "approve":
+            return self._approve(current, actor=actor, reason=reason)
         restarted = utcnow() if action == "resume" else None  # a resumed wave bakes again from now
         if not self._transition(current, target, actor=actor, action=action, reason=reason, wave_started_at=restarted):
             raise ConflictError(f"rollout {rollout_id} changed while {action} was being applied; try again")
         return self.get(rollout_id)
+
+    def _approve(self, rollout: RolloutView, *, actor: str, reason: str) -> RolloutView:
+        """Start a waiting rollout at its first wave from now, superseding the active ones of its device set."""
+        now = utcnow()
+        with transaction(self._sessions) as session:
+            done = session.execute(
+                sa.update(Rollout)
+                .where(Rollout.id == rollout.id, Rollout.revision == rollout.revision)
+                .values(
+                    state=RolloutState.running.value, revision=rollout.revision + 1, updated_at=now, wave_started_at=now
+                )
+                .execution_options(synchronize_session=False)
+            )
+            if done.rowcount != 1:  # type: ignore[attr-defined]
+                raise ConflictError(f"rollout {rollout.id} changed while it was being approved; try again")
+            row = session.get(Rollout, rollout.id)
+            assert row is not None
+            for old in self._active(session, rollout.model, row.selector_key):
+                if old.id != row.id:
+                    _supersede(session, old, by=row, actor=actor, now=now)
+            audit(
+                session, actor=actor, action="approve", rollout_id=row.id, model=row.model, version=row.version,
+                reason=reason,
+            )  # fmt: skip
+            bump_generation(session)
+        self._on_change()
+        log.info("rollout %d approved by %s", rollout.id, actor)
+        return self.get(rollout.id)
 
     def _transition(
         self,
@@ -312,37 +343,3 @@ def _supersede(session: Session, old: Rollout, *, by: Rollout, actor: str, now: 
         version=old.version,
         reason=f"superseded by rollout {by.id}",
     )
-
-
-def decide(rollout: RolloutView, progress: RolloutProgress, *, now: datetime) -> Decision:
-    """Halt past the failure threshold; after the bake time, advance (or complete) at the success threshold."""
-    index = rollout.current_wave
-    spec = rollout.waves[index]
-    if rollout.strategy == Strategy.ab:
-        treatment = progress.arms.get("treatment")
-        if treatment and treatment.devices and treatment.failed / treatment.devices > spec["max_failure_rate"]:
-            return Decision(
-                "halt",
-                f"treatment arm: {treatment.failed} of {treatment.devices} devices failed "
-                f"({treatment.failed / treatment.devices:.0%} > {spec['max_failure_rate']:.0%})",
-            )
-        return Decision("wait", "A/B tests run until an operator ends them")
-    included = progress.included(index)
-    if included.devices:
-        failure_rate = included.failed / included.devices
-        if failure_rate > spec["max_failure_rate"]:
-            return Decision(
-                "halt",
-                f"wave {index + 1}: {included.failed} of {included.devices} devices failed "
-                f"({failure_rate:.0%} > {spec['max_failure_rate']:.0%})",
-            )
-    started = rollout.wave_started_at or rollout.created_at
-    if now - started < timedelta(seconds=float(spec["bake_s"])):
-        return Decision("wait", "baking")
-    success_rate = included.succeeded / included.devices if included.devices else 1.0
-    if success_rate < spec["min_success_rate"]:
-        return Decision("wait", f"wave {index + 1}: {included.succeeded} of {included.devices} succeeded so far")
-    summary = f"wave {index + 1}: {included.succeeded} of {included.devices} devices succeeded"
-    if index + 1 < len(rollout.waves):
-        return Decision("advance", f"{summary}; on to wave {index + 2} ({rollout.waves[index + 1]['percent']:g}%)")
-    return Decision("complete", summary)

@@ -37,19 +37,33 @@ class RolloutState(StrEnum):
     completed = "completed"
     aborted = "aborted"
     rolled_back = "rolled_back"
+    waiting_for_approval = "waiting_for_approval"  # a promotion that an operator has not approved yet
+    rejected = "rejected"  # a promotion an operator refused: it never reached a device
 
 
 ACTIVE_STATES = frozenset({RolloutState.pending, RolloutState.running, RolloutState.paused, RolloutState.halted})
+# States in which a rollout offers nothing to any device.
+UNAPPROVED_STATES = frozenset({RolloutState.waiting_for_approval, RolloutState.rejected})
 
 
 # -- devices -----------------------------------------------------------------------------------------------------
 
 
+Base64Text = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9+/=]+$")]
+
+
 class DeviceEnroll(_Body):
-    enrollment_token: Annotated[str, StringConstraints(min_length=1, max_length=512)]
+    """An enrollment, signed by the device's own key (``exporters.device_identity``)."""
+
     device_id: DeviceId
     labels: dict[LabelText, LabelText] = Field(default_factory=dict, max_length=64)
     fingerprint: Fingerprint
+    public_key: Base64Text  # the 32 raw bytes of its ed25519 public key
+    signed_at: int = Field(ge=0, le=2**40)  # unix seconds
+    nonce: Annotated[str, StringConstraints(min_length=16, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+    proof: Base64Text  # the key's signature of (device id, public key, signed_at)
+    enrollment_token: Annotated[str, StringConstraints(min_length=1, max_length=512)] | None = None  # new ids
+    key_change_signature: Base64Text | None = None  # the old key's consent to this key
 
     @field_validator("fingerprint")
     @classmethod
@@ -58,10 +72,21 @@ class DeviceEnroll(_Body):
         return fingerprint
 
 
+class DeviceStatus(StrEnum):
+    pending = "pending"  # a new id waiting for an operator
+    accepted = "accepted"
+    rejected = "rejected"
+    decommissioned = "decommissioned"
+
+
 class DeviceEnrolled(BaseModel):
+    """200: accepted, with the device token; 202: waiting for an operator (no token), ``reason`` says why."""
+
     device_id: str
-    device_token: str
+    status: DeviceStatus
+    device_token: str | None
     poll_interval_s: int
+    reason: str = ""
 
 
 class DesiredFile(BaseModel):
@@ -117,6 +142,9 @@ class DevicePublic(BaseModel):
     model: str | None
     current_version: str | None
     state: str | None
+    status: DeviceStatus = DeviceStatus.accepted
+    public_key: str | None = None
+    key_change_requested_at: datetime | None = None  # another key asked for this id and waits for an operator
 
 
 class DeviceDetail(DevicePublic):

@@ -18,6 +18,8 @@ from registry.rollout_service.bundles import BundleCatalog
 from registry.rollout_service.db import make_engine, migrate, session_factory
 from registry.rollout_service.desired import DesiredIndex
 from registry.rollout_service.devices import DeviceRegistry
+from registry.rollout_service.enrollment_tokens import EnrollmentTokens
+from registry.rollout_service.identity import DeviceIdentity
 from registry.rollout_service.metrics import ServiceMetrics
 from registry.rollout_service.promotions import PromotionWatcher
 from registry.rollout_service.queries import Queries
@@ -31,6 +33,8 @@ class Service:
 
     settings: ServiceSettings
     operators: OperatorTokens
+    enrollment_tokens: EnrollmentTokens
+    identity: DeviceIdentity
     devices: DeviceRegistry
     desired: DesiredIndex
     rollouts: RolloutManager
@@ -53,12 +57,17 @@ def build_service(settings: ServiceSettings) -> Service:
     rollouts = RolloutManager(
         sessions, catalog, settings, fleet=desired.fleet, on_change=desired.invalidate, analysis=analysis
     )
-    operators = OperatorTokens(sessions)
-    operators.install(settings.operator_token_list)
+    operators = OperatorTokens(sessions, generation=desired.refresh)
+    operators.seed(settings.operator_seeds)
+    enrollment_tokens = EnrollmentTokens(sessions)
+    enrollment_tokens.seed(settings.enrollment_seeds)
+    devices = DeviceRegistry(sessions, catalog, desired, settings)
     return Service(
         settings=settings,
         operators=operators,
-        devices=DeviceRegistry(sessions, catalog, desired, settings),
+        enrollment_tokens=enrollment_tokens,
+        identity=DeviceIdentity(sessions, enrollment_tokens, devices),
+        devices=devices,
         desired=desired,
         rollouts=rollouts,
         promotions=PromotionWatcher(sessions, catalog, rollouts, gateway_factory, settings),

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
@@ -19,6 +19,7 @@ from pydantic_settings import SettingsConfigDict
 from registry.rollout_service.analysis.spec import AnalysisSpec, ShadowSpec
 from registry.rollout_service.errors import ServiceSettingsError
 from registry.rollout_service.schemas import WaveSpec
+from registry.rollout_service.token_entries import TokenEntry, parse_entries
 from yolo_ota.config import CONFIG_FILE_ENV, LayeredSettings, build, read_config
 
 log = logging.getLogger(__name__)
@@ -57,8 +58,12 @@ class ServiceSettings(LayeredSettings):
     data_dir: Path = Field(default_factory=_default_data_dir)
     database_url: str | None = None  # default: SQLite in data_dir
     mlflow_uri: str | None = None
-    operator_tokens: str | None = None  # comma-separated
-    enrollment_token: str | None = None
+    operator_tokens: str | None = None  # comma-separated name[:scope]=token; seeds the operator tokens
+    enrollment_token: str | None = None  # comma-separated name=token; seeds enrollment tokens that accept any id
+    # The same secrets read from files (a mounted secret), so that neither a flag nor `ps` shows them.
+    operator_tokens_file: Path | None = None
+    enrollment_token_file: Path | None = None
+    webhook_secret_file: Path | None = None
     dev_mode: bool = False
 
     host: str = "127.0.0.1"
@@ -67,6 +72,8 @@ class ServiceSettings(LayeredSettings):
     webhook_secret: str | None = None
     watch_models: str | None = None  # comma-separated registered models; default: every registered model
     promotion_alias: str = "production"
+    # required: a promotion in MLflow creates its rollout waiting_for_approval, for an operator to approve or reject
+    promotion_approval: Literal["required", "none"] = "none"
     alias_poll_interval_s: float = Field(default=30.0, gt=0)
     scheduler_interval_s: float = Field(default=5.0, gt=0)
     poll_interval_s: int = Field(default=30, ge=1)
@@ -87,18 +94,32 @@ class ServiceSettings(LayeredSettings):
         check_waves(waves)
         return waves
 
+    @model_validator(mode="before")
+    @classmethod
+    def _secrets_from_files(cls, values: Any) -> Any:
+        """``X_file`` fills ``X`` from the file's text when ``X`` itself is not set."""
+        if not isinstance(values, dict):
+            return values
+        for name in ("operator_tokens", "enrollment_token", "webhook_secret"):
+            path = values.get(f"{name}_file")
+            if path and not values.get(name):
+                try:
+                    values[name] = Path(path).read_text().strip()
+                except OSError as exc:
+                    raise ValueError(f"{name}_file: cannot read {path}: {exc.strerror}") from None
+        return values
+
     @model_validator(mode="after")
     def _secrets_present(self) -> ServiceSettings:
+        parse_entries(self.operator_tokens, setting="YOLO_OTA_OPERATOR_TOKENS", bare_prefix="operator", scoped=True)
+        parse_entries(
+            self.enrollment_token, setting="YOLO_OTA_ENROLLMENT_TOKEN", bare_prefix="enrollment", scoped=False
+        )
         if self.dev_mode:
             return self
-        missing = [
-            name
-            for name, value in (
-                ("YOLO_OTA_OPERATOR_TOKENS", self.operator_tokens),
-                ("YOLO_OTA_ENROLLMENT_TOKEN", self.enrollment_token),
-            )
-            if not (value or "").strip()
-        ]
+        # Enrollment tokens may all be made later (`yolo-ota enrollment-tokens create`); an operator token is the
+        # way in to make them.
+        missing = [] if (self.operator_tokens or "").strip() else ["YOLO_OTA_OPERATOR_TOKENS"]
         if self.public_url and not self.webhook_secret:
             missing.append("YOLO_OTA_WEBHOOK_SECRET (needed with YOLO_OTA_PUBLIC_URL)")
         if missing:
@@ -115,13 +136,20 @@ class ServiceSettings(LayeredSettings):
         return self.database_url or f"sqlite:///{self.data_dir / 'rollouts.db'}"
 
     @property
-    def operator_token_list(self) -> list[str]:
-        tokens = _split(self.operator_tokens)
-        return tokens or ([DEV_OPERATOR_TOKEN] if self.dev_mode else [])
+    def operator_seeds(self) -> list[TokenEntry]:
+        """The operator tokens the settings seed (dev mode without any: the well-known one, named ``dev``)."""
+        entries = parse_entries(
+            self.operator_tokens, setting="YOLO_OTA_OPERATOR_TOKENS", bare_prefix="operator", scoped=True
+        )
+        return entries or ([TokenEntry("dev", DEV_OPERATOR_TOKEN)] if self.dev_mode else [])
 
     @property
-    def enrollment_secret(self) -> str:
-        return (self.enrollment_token or "").strip() or DEV_ENROLLMENT_TOKEN
+    def enrollment_seeds(self) -> list[TokenEntry]:
+        """The enrollment tokens the settings seed (dev mode without any: the well-known one, named ``dev``)."""
+        entries = parse_entries(
+            self.enrollment_token, setting="YOLO_OTA_ENROLLMENT_TOKEN", bare_prefix="enrollment", scoped=False
+        )
+        return entries or ([TokenEntry("dev", DEV_ENROLLMENT_TOKEN)] if self.dev_mode else [])
 
     @property
     def webhook_key(self) -> str | None:

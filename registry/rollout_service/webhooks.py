@@ -1,7 +1,9 @@
 """MLflow's webhooks to this service: where they arrive, and the check of their HMAC signature and timestamp.
 
 MLflow signs ``<delivery id>.<timestamp>.<body>`` with HMAC-SHA256 under the shared secret and sends
-``X-MLflow-Signature: v1,<base64>``; a delivery older than five minutes is refused as a replay.
+``X-MLflow-Signature: v1,<base64>``. A delivery more than five minutes from this service's clock is refused;
+within that window, ``PromotionWatcher.remember_delivery`` refuses a delivery id seen before, so a captured
+webhook cannot be sent again.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ WEBHOOK_PATH = "/v1/hooks/mlflow"
 SIGNATURE_HEADER = "X-MLflow-Signature"
 TIMESTAMP_HEADER = "X-MLflow-Timestamp"
 DELIVERY_HEADER = "X-MLflow-Delivery-Id"
-_MAX_CLOCK_SKEW_S = 300
+WEBHOOK_REPLAY_WINDOW_S = 300
 
 
 def verify_webhook(
@@ -38,7 +40,7 @@ def verify_webhook(
         age_s = abs((now_s if now_s is not None else time.time()) - int(timestamp))
     except ValueError:
         raise NotAuthenticatedError("webhook timestamp is not a number") from None
-    if age_s > _MAX_CLOCK_SKEW_S:
+    if age_s > WEBHOOK_REPLAY_WINDOW_S:
         raise NotAuthenticatedError(f"webhook timestamp is {age_s:.0f} s off; replay refused")
     signed = f"{delivery}.{timestamp}.".encode() + body
     expected = "v1," + base64.b64encode(hmac.new(secret.encode(), signed, hashlib.sha256).digest()).decode()

@@ -69,7 +69,12 @@ def agent(
     server: Annotated[str | None, typer.Option(help="Rollout service URL (YOLO_OTA_AGENT_SERVER).")] = None,
     device_id: Annotated[str | None, typer.Option(help="This device's id (YOLO_OTA_AGENT_DEVICE_ID).")] = None,
     enrollment_token: Annotated[
-        str | None, typer.Option(help="Token to enroll once with (YOLO_OTA_AGENT_ENROLLMENT_TOKEN).")
+        str | None,
+        typer.Option(help="Token to enroll a new id with; `ps` shows a flag: prefer the file or the variable."),
+    ] = None,
+    enrollment_token_file: Annotated[
+        Path | None,
+        typer.Option(help="File holding the enrollment token (YOLO_OTA_AGENT_ENROLLMENT_TOKEN[_FILE])."),
     ] = None,
     data_dir: Annotated[
         Path | None, typer.Option(help="Device token, saved state, versions on disk (YOLO_OTA_AGENT_DATA_DIR).")
@@ -102,6 +107,7 @@ def agent(
             server=server,
             device_id=device_id,
             enrollment_token=enrollment_token,
+            enrollment_token_file=enrollment_token_file,
             data_dir=data_dir,
             public_key=public_key,
             listen=listen,

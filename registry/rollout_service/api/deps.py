@@ -1,7 +1,8 @@
 """The dependencies routes take, read as types:
 
 - ``ServiceDep``: the app's ``Service`` (``app.state.service``, built by ``create_app``).
-- ``CurrentOperator``: the ``Operator`` whose bearer token checked out; 401 otherwise.
+- ``CurrentOperator``: the ``Operator`` whose bearer token checked out (any scope: reading); 401 otherwise.
+- ``OperatingOperator`` and ``AdminOperator``: the same, with the ``operate`` or ``admin`` scope; 403 without.
 - ``CurrentDevice``: the ``AuthenticatedDevice`` named by the path's ``device_id``, by its own token; 401 for an
   unknown token, 403 for another device's.
 - ``RolloutId``: the path's rollout id.
@@ -19,8 +20,17 @@ from fastapi import Depends, Header, Path, Request
 from registry.rollout_service.auth import AuthenticatedDevice, Operator, bearer, check_device
 from registry.rollout_service.schemas import DeviceId
 from registry.rollout_service.service import Service
+from registry.rollout_service.token_entries import Scope
 
-__all__ = ["CurrentDevice", "CurrentOperator", "RolloutId", "ServiceDep", "service_of"]
+__all__ = [
+    "AdminOperator",
+    "CurrentDevice",
+    "CurrentOperator",
+    "OperatingOperator",
+    "RolloutId",
+    "ServiceDep",
+    "service_of",
+]
 
 
 def service_of(request: Request) -> Service:
@@ -43,6 +53,18 @@ async def current_operator(service: ServiceDep, authorization: Annotated[str | N
 
 
 CurrentOperator = Annotated[Operator, Depends(current_operator)]
+
+
+async def operating_operator(operator: CurrentOperator) -> Operator:
+    return operator.require(Scope.operate)
+
+
+async def admin_operator(operator: CurrentOperator) -> Operator:
+    return operator.require(Scope.admin)
+
+
+OperatingOperator = Annotated[Operator, Depends(operating_operator)]
+AdminOperator = Annotated[Operator, Depends(admin_operator)]
 
 
 def current_device(

@@ -19,6 +19,7 @@ from registry.rollout_service.schemas import (
     DeviceEnrolled,
     DeviceId,
     DeviceList,
+    DeviceStatus,
     VersionText,
 )
 
@@ -71,11 +72,24 @@ async def desired(device_id: Annotated[DeviceId, Path()], request: Request) -> R
     return Response(state.model_dump_json(), media_type="application/json", headers={"ETag": choice.etag})
 
 
-@router.post("/devices/enroll")
-def enroll(body: DeviceEnroll, service: ServiceDep) -> DeviceEnrolled:
-    token = service.devices.enroll(body)
+@router.post(
+    "/devices/enroll",
+    responses={202: {"model": DeviceEnrolled, "description": "waits for an operator: no token yet"}},
+)
+def enroll(body: DeviceEnroll, service: ServiceDep, request: Request, response: Response) -> DeviceEnrolled:
+    """Open (no operator token): the body is signed by the device's key; a new id also needs an enrollment token.
+    A device enrolled before it had a key shows its current device token as ``Authorization: Bearer``."""
+    authorization = request.headers.get("authorization")
+    current = bearer(authorization) if authorization else None
+    outcome = service.identity.enroll(body, bearer_token=current)
+    if outcome.token is None:
+        response.status_code = 202
     return DeviceEnrolled(
-        device_id=body.device_id, device_token=token, poll_interval_s=service.settings.poll_interval_s
+        device_id=body.device_id,
+        status=outcome.status,
+        device_token=outcome.token,
+        poll_interval_s=service.settings.poll_interval_s,
+        reason=outcome.reason,
     )
 
 
@@ -93,10 +107,14 @@ def list_devices(
     operator: CurrentOperator,
     service: ServiceDep,
     label: Annotated[list[str] | None, Query(description="key=value; repeat to require several")] = None,
+    status: Annotated[DeviceStatus | None, Query()] = None,
+    waiting: Annotated[bool, Query(description="only devices waiting for an operator's decision")] = False,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
     offset: Annotated[int, Query(ge=0, le=10**9)] = 0,
 ) -> DeviceList:
-    devices, total = service.devices.list(label=_label_filter(label or []), limit=limit, offset=offset)
+    devices, total = service.devices.list(
+        label=_label_filter(label or []), status=status, waiting=waiting, limit=limit, offset=offset
+    )
     return DeviceList(devices=devices, total=total)
 
 

@@ -16,7 +16,7 @@ from registry.rollout_service.api.deps import CurrentOperator, ServiceDep
 from registry.rollout_service.api.problems import V1_RESPONSES
 from registry.rollout_service.errors import InvalidRequestError
 from registry.rollout_service.schemas import AuditList, PromotionList
-from registry.rollout_service.webhooks import WEBHOOK_PATH, verify_webhook
+from registry.rollout_service.webhooks import DELIVERY_HEADER, WEBHOOK_PATH, verify_webhook
 
 router = APIRouter()
 _v1 = APIRouter(prefix="/v1", responses=V1_RESPONSES)
@@ -88,6 +88,11 @@ async def mlflow_webhook(request: Request, service: ServiceDep) -> dict[str, str
         payload = verify_webhook(secret, request.headers, body)
     except Exception:
         service.metrics.webhooks.labels("bad_signature").inc()
+        raise
+    try:
+        await anyio.to_thread.run_sync(service.promotions.remember_delivery, request.headers[DELIVERY_HEADER])
+    except Exception:
+        service.metrics.webhooks.labels("replayed").inc()
         raise
     outcome = await anyio.to_thread.run_sync(service.promotions.on_webhook, payload)
     service.metrics.webhooks.labels("accepted").inc()

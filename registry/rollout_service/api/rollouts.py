@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 
 from registry.rollout_service.analysis.public import AnalysisReport
-from registry.rollout_service.api.deps import CurrentOperator, RolloutId, ServiceDep
+from registry.rollout_service.api.deps import CurrentOperator, OperatingOperator, RolloutId, ServiceDep
 from registry.rollout_service.api.problems import V1_RESPONSES
 from registry.rollout_service.rollouts import CONTROL_ACTIONS
 from registry.rollout_service.schemas import (
@@ -23,7 +23,7 @@ router = APIRouter(prefix="/v1", tags=["rollouts"], responses=V1_RESPONSES)
 
 
 @router.post("/rollouts", status_code=201)
-def create_rollout(operator: CurrentOperator, service: ServiceDep, body: RolloutCreate) -> RolloutDetail:
+def create_rollout(operator: OperatingOperator, service: ServiceDep, body: RolloutCreate) -> RolloutDetail:
     return service.queries.detail(service.rollouts.create(body, actor=operator.actor))
 
 
@@ -67,7 +67,7 @@ def _control_route(action: str) -> None:
     """``POST /v1/rollouts/{rollout_id}/<action>``, one route (and one OpenAPI operation) per control."""
 
     def control(
-        operator: CurrentOperator, service: ServiceDep, rollout_id: RolloutId, body: RolloutAction | None = None
+        operator: OperatingOperator, service: ServiceDep, rollout_id: RolloutId, body: RolloutAction | None = None
     ) -> RolloutDetail:
         reason = body.reason if body else ""
         changed = service.rollouts.control(rollout_id, action, actor=operator.actor, reason=reason)
