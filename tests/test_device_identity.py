@@ -184,3 +184,38 @@ def test_operator_tokens_do_what_their_scope_allows_and_stop_when_revoked(http: 
     listed = http.get("/v1/tokens", headers=operator()).json()["tokens"]
     assert {t["name"]: t["active"] for t in listed}["scope-reader"] is False
     assert reader not in str(listed)
+
+
+def test_a_device_enrolled_before_keys_adopts_its_key_only_with_its_current_token(tmp_path) -> None:
+    from registry.rollout_service.db import Device, transaction, utcnow
+    from registry.rollout_service.devices import token_digest
+    from registry.rollout_service.schemas import DeviceEnroll
+    from registry.rollout_service.service import build_service
+    from registry.rollout_service.settings import ServiceSettings
+
+    service = build_service(ServiceSettings(data_dir=tmp_path, operator_tokens="ops=" + "o" * 20))
+    try:
+        with transaction(service.devices._sessions) as session:  # as an older release left it: a token, no key
+            now = utcnow()
+            session.add(
+                Device(
+                    id="id-legacy",
+                    labels={},
+                    fingerprint=FINGERPRINT,
+                    token_sha256=token_digest("t" * 32),
+                    enrolled_at=now,
+                    last_seen_at=now,
+                )  # fmt: skip
+            )
+
+        def body(key: DeviceKey) -> DeviceEnroll:
+            return DeviceEnroll.model_validate(enrollment_body(key, "id-legacy", fingerprint=FINGERPRINT))
+
+        attacker, real = DeviceKey.generate(), DeviceKey.generate()
+        assert service.identity.enroll(body(attacker)).status.value == "pending"
+        assert service.identity.enroll(body(attacker), bearer_token="a-guessed-token").status.value == "pending"
+        adopted = service.identity.enroll(body(real), bearer_token="t" * 32)
+        assert adopted.status.value == "accepted" and adopted.token
+        assert service.devices.detail("id-legacy").public_key == real.public_key
+    finally:
+        service.engine.dispose()

@@ -45,12 +45,15 @@ def service(module_service: RunningServer) -> RunningServer:
     return module_service
 
 
+KEYS: dict[str, DeviceKey] = {}  # each seeded device keeps its key: enrolling again is the same device
+
+
 def enroll(service: RunningServer, device_id: str) -> str:
     """Enroll ``device_id`` with this machine's fingerprint; returns its new token."""
     answer = httpx.post(
         service.url + "/v1/devices/enroll",
         json=enrollment_body(
-            DeviceKey.generate(),
+            KEYS.setdefault(device_id, DeviceKey.generate()),
             device_id,
             fingerprint=collect().model_dump(mode="json"),
             labels={"line": "smt-1"},

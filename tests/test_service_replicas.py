@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -121,3 +122,46 @@ def _fresh_alias(mlflow_server: RunningServer) -> None:
             client.delete_registered_model_alias(MODEL, "production")
     except Exception:  # the model does not exist yet in this session: nothing to clear
         pass
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_a_revocation_and_a_decommission_on_one_replica_hold_on_the_other(
+    tmp_path: Path, database_url: str, mlflow_server: RunningServer, fleet_model: dict[str, str]
+) -> None:
+    """Revoked on replica A, refused on replica B within the state-check interval (0.1 s here), though B had the
+    token and the device cached from requests just before."""
+    settings = {"ALIAS_POLL_INTERVAL_S": "3600"}
+    first = start_rollout_service(
+        tmp_path / "a", database_url=database_url, mlflow_url=mlflow_server.url, settings=settings
+    )
+    second = start_rollout_service(
+        tmp_path / "b", database_url=database_url, mlflow_url=mlflow_server.url, settings=settings
+    )
+    on_a, on_b = Fleet(first.url), Fleet(second.url)
+    try:
+        device = on_a.enroll("replica-retired")
+        made = on_a.op("POST", "/v1/tokens", json={"name": "replica-ops", "scope": "operate"}, expect=201)["token"]
+        ops = {"Authorization": f"Bearer {made}"}
+        assert on_b.http.get("/v1/rollouts", headers=ops).status_code == 200  # cached on B now
+        assert on_b.poll(device, conditional=False) == 200
+
+        on_a.op("POST", "/v1/tokens/replica-ops/revoke")
+        on_a.op("POST", f"/v1/devices/{device.device_id}/decommission")
+        time.sleep(0.5)
+
+        assert on_b.http.get("/v1/rollouts", headers=ops).status_code == 401
+        polled = on_b.http.get(
+            f"/v1/devices/{device.device_id}/desired", headers={"Authorization": f"Bearer {device.token}"}
+        )
+        assert polled.status_code == 401, polled.text
+        report = on_b.http.post(
+            f"/v1/devices/{device.device_id}/reports",
+            json={"events": []},
+            headers={"Authorization": f"Bearer {device.token}"},
+        )
+        assert report.status_code == 401, report.text
+    finally:
+        on_a.close()
+        on_b.close()
+        first.stop()
+        second.stop()

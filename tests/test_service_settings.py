@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -87,3 +88,37 @@ def test_migrations_build_exactly_the_tables_the_code_declares(tmp_path: Path) -
         differences = compare_metadata(MigrationContext.configure(connection), Base.metadata)
     engine.dispose()
     assert differences == []
+
+
+@pytest.mark.parametrize(
+    ("entries", "said"),
+    [
+        ("Zm9vYmFyYmF6cXV4cXV1eA==", "the token is 1 characters"),  # bare padded base64: split at its first '='
+        ("ops=short", "the token is 5 characters"),
+        ("ops:root=" + "x" * 20, "scope 'root' is not one of read, operate, admin"),
+        ("a=" + "x" * 20 + ",a=" + "y" * 20, "two entries have the same name a"),
+        ("a=" + "x" * 20 + ",b=" + "x" * 20, "two entries have the same token"),
+    ],
+    ids=["padded base64", "short", "unknown scope", "same name", "same token"],
+)
+def test_an_operator_token_that_cannot_be_read_one_way_is_refused_at_start(
+    cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, entries: str, said: str
+) -> None:
+    monkeypatch.setenv("YOLO_OTA_OPERATOR_TOKENS", entries)
+    with pytest.raises(ServiceSettingsError, match=re.escape(said)):
+        load_settings()
+    done = cli("server", "--data-dir", str(tmp_path), "--port", "1")
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2 and len(lines) == 1 and said in lines[0], done.stderr
+    assert "x" * 20 not in lines[0] and "Zm9vYmFy" not in lines[0]  # the error shows no token
+
+
+def test_secrets_can_come_from_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    secret = tmp_path / "operator-tokens"
+    secret.write_text("ops:operate=" + "s" * 24 + "\n")
+    monkeypatch.setenv("YOLO_OTA_OPERATOR_TOKENS_FILE", str(secret))
+    (seed,) = load_settings().operator_seeds
+    assert (seed.name, seed.scope, seed.token) == ("ops", "operate", "s" * 24)
+    monkeypatch.setenv("YOLO_OTA_OPERATOR_TOKENS_FILE", str(tmp_path / "missing"))
+    with pytest.raises(ServiceSettingsError, match="operator_tokens_file: cannot read"):
+        load_settings()

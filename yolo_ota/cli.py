@@ -16,6 +16,7 @@ from typing import Annotated
 
 import typer
 
+from yolo_ota.access_cli import devices_app, enrollment_app, tokens_app
 from yolo_ota.commands import bundle, demo, registry, server
 from yolo_ota.commands.common import fail
 from yolo_ota.commands.config import config_app
@@ -44,6 +45,9 @@ for command in (
 app.add_typer(bundle.keys_app, name="keys")
 app.add_typer(rollout_app, name="rollout")
 app.add_typer(config_app, name="config")
+app.add_typer(devices_app, name="devices")
+app.add_typer(tokens_app, name="tokens")
+app.add_typer(enrollment_app, name="enrollment-tokens")
 
 
 @app.callback()

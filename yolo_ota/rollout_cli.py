@@ -95,7 +95,7 @@ Reason = Annotated[str, typer.Option(help="Why; kept in the service's audit log.
 RolloutId = Annotated[int, typer.Argument(help="Rollout id (see `yolo-ota rollout list`).", min=1)]
 
 
-def _call(
+def call_service(
     target: RolloutSettings,
     method: str,
     path: str,
@@ -129,7 +129,7 @@ def _call(
         raise fail(f"the answer of {base}{path} is not JSON; is {base} the rollout service?") from None
 
 
-def _target(server: str | None, token: str | None, config: Any) -> RolloutSettings:
+def service_target(server: str | None, token: str | None, config: Any) -> RolloutSettings:
     """The service to call and the token to call it with: flags, YOLO_OTA_SERVER/YOLO_OTA_TOKEN, [rollout]."""
     return load(RolloutSettings, config, server=server, token=token)
 
@@ -212,7 +212,7 @@ def create(
         body["ab"] = {"control_version": control_version, "split": 0.5 if split is None else split}
     if previous_version is not None:
         body["previous_version"] = previous_version
-    detail = _call(_target(server, token, config), "POST", "/v1/rollouts", body=body)
+    detail = call_service(service_target(server, token, config), "POST", "/v1/rollouts", body=body)
     if as_json:
         console.print_json(data=detail)
         return
@@ -235,7 +235,7 @@ def list_rollouts(
         params["model"] = model
     if state is not None:
         params["state"] = state.value
-    answer = _call(_target(server, token, config), "GET", "/v1/rollouts", params=params)
+    answer = call_service(service_target(server, token, config), "GET", "/v1/rollouts", params=params)
     if as_json:
         console.print_json(data=answer)
         return
@@ -261,7 +261,7 @@ def show(
     as_json: AsJson = False,
 ) -> None:
     """Show one rollout: its waves, its arms' telemetry, and which devices it targets or skips."""
-    detail = _call(_target(server, token, config), "GET", f"/v1/rollouts/{rollout_id}")
+    detail = call_service(service_target(server, token, config), "GET", f"/v1/rollouts/{rollout_id}")
     if as_json:
         console.print_json(data=detail)
         return
@@ -273,6 +273,8 @@ _ACTIONS = {
     "resume": "Resume a paused or halted rollout; the current wave's bake time starts again.",
     "abort": "Abort a rollout: devices that did not take the new version yet never will.",
     "rollback": "Roll back: every targeted device returns to the previous (or A/B control) version.",
+    "approve": "Approve a promotion waiting for approval: it starts at its first wave now (operate scope).",
+    "reject": "Reject a promotion waiting for approval: it never reaches a device (operate scope).",
 }
 
 
@@ -285,8 +287,11 @@ def _action_command(action: str) -> None:
         config: ConfigPath = None,
         as_json: AsJson = False,
     ) -> None:
-        detail = _call(
-            _target(server, token, config), "POST", f"/v1/rollouts/{rollout_id}/{action}", body={"reason": reason}
+        detail = call_service(
+            service_target(server, token, config),
+            "POST",
+            f"/v1/rollouts/{rollout_id}/{action}",
+            body={"reason": reason},
         )
         if as_json:
             console.print_json(data=detail)

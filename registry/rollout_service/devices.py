@@ -63,9 +63,10 @@ class DeviceRegistry:
 
     # -- tokens --------------------------------------------------------------------------------------------
 
-    def forget_tokens(self) -> None:
-        """Drop the cached tokens: a device's standing or token changed here."""
+    def changed(self) -> None:
+        """A device's standing or token changed here: drop the cached tokens, re-read the fleet on next use."""
         self._tokens = {}
+        self._desired.invalidate()
 
     def _cached(self, device_id: str) -> str | None:
         """The cached token digest of ``device_id``, if the cache still belongs to the current state generation."""

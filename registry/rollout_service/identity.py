@@ -64,7 +64,7 @@ class DeviceIdentity:
             outcome = self._new(session, body) if row is None else self._known(session, row, body, bearer_token)
             if outcome.status is DeviceStatus.accepted:
                 bump_generation(session)
-        self._devices.forget_tokens()
+        self._devices.changed()
         return outcome
 
     def _new(self, session: Session, body: DeviceEnroll) -> EnrollOutcome:
@@ -153,7 +153,7 @@ class DeviceIdentity:
                 raise ConflictError(f"device {device_id!r} is accepted and no other key waits for it")
             audit(session, actor=actor, action="device_accepted", reason=f"{device_id}: {done}")
             bump_generation(session)
-        self._devices.forget_tokens()
+        self._devices.changed()
         return done
 
     def reject(self, device_id: str, *, actor: str) -> str:
@@ -183,7 +183,7 @@ class DeviceIdentity:
             session.execute(sa.delete(KeyRequest).where(KeyRequest.device_id == device_id))
             audit(session, actor=actor, action="device_decommissioned", reason=device_id)
             bump_generation(session)
-        self._devices.forget_tokens()
+        self._devices.changed()
 
     @staticmethod
     def _row(session: Session, device_id: str) -> Device:
