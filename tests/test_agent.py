@@ -286,3 +286,44 @@ def test_promotion_in_mlflow_reaches_the_agent(
         fleet.close()
         agent.stop()
         service.stop()
+
+
+def test_an_agent_waits_for_its_key_to_be_accepted_and_no_other_key_displaces_it(
+    agent_stack: AgentStack, tmp_path: Path
+) -> None:
+    """A real agent enrolls with its own key through a token that auto-accepts nobody: it waits, serving nothing
+    new, until an operator accepts it; then another key for its id changes nothing for it."""
+    import stat
+
+    from exporters.device_identity import KEY_FILE, DeviceKey, enrollment_body
+    from exporters.fingerprint import collect
+
+    stack = agent_stack
+    token = stack.fleet.op("POST", "/v1/enrollment-tokens", json={"name": "agent-wait"}, expect=201)["token"]
+    agent = start_agent(
+        tmp_path / "w", server_url=stack.service_proxy.url, device_id="dev-waits", labels={"lane": "waits"},
+        enrollment_token=token,
+    )  # fmt: skip
+    try:
+        agent.wait_for("the pending enrollment", lambda s: "waits for an operator" in str(s["last_poll"]["error"]))
+        key_file = tmp_path / "w" / KEY_FILE
+        assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+        assert stack.device("dev-waits")["status"] == "pending"
+        stack.roll_out("waits", "good1")
+        assert agent.status()["serving"] is None
+
+        stack.fleet.op("POST", "/v1/devices/dev-waits/accept")
+        agent.wait_serving(stack.versions["good1"])
+
+        other = enrollment_body(
+            DeviceKey.generate(), "dev-waits", fingerprint=collect().model_dump(mode="json"), enrollment_token=token
+        )
+        assert stack.fleet.http.post("/v1/devices/enroll", json=other).status_code == 202
+        polls = agent.status()["last_poll"]["at"]
+        status = agent.wait_for(
+            "two more good polls", lambda s: s["last_poll"]["ok"] and s["last_poll"]["at"] > polls + 0.5
+        )
+        assert status["serving"]["version"] == stack.versions["good1"]
+        assert stack.device("dev-waits")["public_key"] == DeviceKey.load_or_create(tmp_path / "w").public_key
+    finally:
+        agent.stop()
