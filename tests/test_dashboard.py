@@ -239,6 +239,7 @@ class _PageWithoutApi(BaseHTTPRequestHandler):
             "index.html": "text/html",
             "dashboard.js": "text/javascript",
             "analysis.js": "text/javascript",
+            "access.js": "text/javascript",
             "dashboard.css": "text/css",
         }
         if not self.path.startswith("/ui/") or name not in kinds:

@@ -205,7 +205,7 @@ def test_a_device_enrolled_before_keys_adopts_its_key_only_with_its_current_toke
                     token_sha256=token_digest("t" * 32),
                     enrolled_at=now,
                     last_seen_at=now,
-                )  # fmt: skip
+                )
             )
 
         def body(key: DeviceKey) -> DeviceEnroll:

@@ -18,6 +18,7 @@ _ASSETS = {
     "index.html": "text/html; charset=utf-8",
     "dashboard.js": "text/javascript; charset=utf-8",
     "analysis.js": "text/javascript; charset=utf-8",
+    "access.js": "text/javascript; charset=utf-8",
     "dashboard.css": "text/css; charset=utf-8",
 }
 # The page runs only its own script and style and talks only to this service; the token never leaves it.

@@ -1,7 +1,9 @@
 // The fleet dashboard. It reads the rollout service's /v1 REST API with an operator token and redraws itself
 // every few seconds. No build step and no dependencies: every value reaches the page through the escaping `html`
-// template tag, and the charts are SVG drawn below. The fleet analysis view is in analysis.js.
+// template tag, and the charts are SVG drawn below. The fleet analysis view is in analysis.js, the decisions a person
+// makes here (approvals, device keys) in access.js.
 
+import { approvalButtons, decide, decisionOf, standingCell } from "./access.js";
 import { analysisBadge, analysisSection } from "./analysis.js";
 
 const REFRESH_MS = 3000;
@@ -85,13 +87,14 @@ function ago(iso, now) {
 const TONES = {
   committed: "good", completed: "good", passed: "good", running: "info", baking: "info",
   downloading: "info", verifying: "info", validating: "info", swapping: "info", probation: "info",
-  pending: "quiet", waiting: "quiet", idle: "quiet", enrolled: "quiet",
+  pending: "quiet", waiting: "quiet", idle: "quiet", enrolled: "quiet", waiting_for_approval: "warn",
+  rejected: "bad",
   paused: "warn", halted: "bad", aborted: "warn", stopped: "warn",
   rolling_back: "bad", rolled_back: "bad", failed: "bad",
 };
 
 function badge(state) {
-  return html`<span class="badge tone-${TONES[state] ?? "quiet"}">${state.replace("_", " ")}</span>`;
+  return html`<span class="badge tone-${TONES[state] ?? "quiet"}">${state.replaceAll("_", " ")}</span>`;
 }
 
 // -- the REST API -------------------------------------------------------------------------------------------------
@@ -133,7 +136,7 @@ function devicesTable(devices, now) {
       (<code>yolo-ota agent</code>) enrolls.</p>`;
   }
   return html`<table class="grid">
-    <thead><tr><th>Device</th><th>Labels</th><th>Running</th><th>State</th><th>Last seen</th>
+    <thead><tr><th>Device</th><th>Standing</th><th>Labels</th><th>Running</th><th>State</th><th>Last seen</th>
       <th>torch</th><th>Runs on</th><th>GPU</th></tr></thead>
     <tbody>${devices.map((device) => deviceRow(device, now))}</tbody>
   </table>`;
@@ -144,6 +147,7 @@ function deviceRow(device, now) {
   const version = device.current_version;
   return html`<tr data-device="${device.device_id}" data-version="${version ?? ""}">
     <td class="id">${device.device_id}</td>
+    <td class="standing">${standingCell(device, KIT)}</td>
     <td>${labelChips(device.labels)}</td>
     <td>${running(device)}</td>
     <td>${badge(device.state ?? "enrolled")}</td>
@@ -196,7 +200,7 @@ function rolloutRow(rollout, shown) {
     <td>${rollout.model}</td>
     <td>${versions(rollout)}</td>
     <td>${rollout.strategy}${rollout.strategy === "ab" ? abButton(rollout, shown) : ""}</td>
-    <td>${badge(rollout.state)}${currentWave(rollout)}${analysisBadge(rollout, KIT)}</td>
+    <td>${badge(rollout.state)}${currentWave(rollout)}${analysisBadge(rollout, KIT)}${approvalButtons(rollout, KIT)}</td>
     <td class="progress">${progress(rollout)}</td>
     <td>${targeting(rollout)}</td>
     <td>${stamp(rollout.created_at)}<div class="muted">${rollout.created_by}</div></td>
@@ -575,6 +579,21 @@ function onForgetToken() {
   askForToken();
 }
 
+async function onDecisionClick(event) {
+  const decision = decisionOf(event.target);
+  if (!decision || !view.token) return;
+  if (decision.confirm && !window.confirm(`${decision.action} ${decision.what}?`)) return;
+  try {
+    await decide(API_ROOT, decision, view.token);
+    showBanner("");
+  } catch (error) {
+    showBanner(`The rollout service refused: ${error.message}`);
+    setState("refused");
+    return;
+  }
+  refresh();
+}
+
 function onRolloutsClick(event) {
   const button = event.target.closest("[data-show-ab]");
   if (!button) return;
@@ -591,6 +610,8 @@ function start() {
   $("#token-form").addEventListener("submit", onTokenSubmit);
   $("#forget-token").addEventListener("click", onForgetToken);
   $("#rollouts-body").addEventListener("click", onRolloutsClick);
+  $("#rollouts-body").addEventListener("click", onDecisionClick);
+  $("#devices-body").addEventListener("click", onDecisionClick);
   document.addEventListener("visibilitychange", onVisibilityChange);
   view.token = tokenFromFragment() ?? sessionStorage.getItem(TOKEN_KEY);
   refresh();
