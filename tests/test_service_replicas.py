@@ -125,7 +125,7 @@ def _fresh_alias(mlflow_server: RunningServer) -> None:
 
 
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
-def test_a_revocation_and_a_decommission_on_one_replica_hold_on_the_other(
+def test_a_revocation_a_decommission_and_a_new_token_on_one_replica_hold_on_the_other(
     tmp_path: Path, database_url: str, mlflow_server: RunningServer, fleet_model: dict[str, str]
 ) -> None:
     """Revoked on replica A, refused on replica B within the state-check interval (0.1 s here), though B had the
@@ -140,6 +140,14 @@ def test_a_revocation_and_a_decommission_on_one_replica_hold_on_the_other(
     on_a, on_b = Fleet(first.url), Fleet(second.url)
     try:
         device = on_a.enroll("replica-retired")
+        moved = on_a.enroll("replica-moved")
+        old_token = moved.token
+        assert on_b.poll(moved, conditional=False) == 200  # B caches its token
+        moved = on_a.enroll("replica-moved")  # the same device, the same key: a new token, the old one retired
+        time.sleep(0.5)  # a few state-check intervals of B
+        refused = on_b.http.get("/v1/devices/replica-moved/desired", headers={"Authorization": f"Bearer {old_token}"})
+        assert refused.status_code == 401, refused.text
+        assert on_b.poll(moved, conditional=False) == 200
         made = on_a.op("POST", "/v1/tokens", json={"name": "replica-ops", "scope": "operate"}, expect=201)["token"]
         ops = {"Authorization": f"Bearer {made}"}
         assert on_b.http.get("/v1/rollouts", headers=ops).status_code == 200  # cached on B now

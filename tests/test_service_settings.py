@@ -122,3 +122,25 @@ def test_secrets_can_come_from_files(tmp_path: Path, monkeypatch: pytest.MonkeyP
     monkeypatch.setenv("YOLO_OTA_OPERATOR_TOKENS_FILE", str(tmp_path / "missing"))
     with pytest.raises(ServiceSettingsError, match="operator_tokens_file: cannot read"):
         load_settings()
+
+
+def test_a_token_the_setting_no_longer_lists_stops_working_after_a_restart(tmp_path: Path) -> None:
+    from registry.rollout_service.errors import NotAuthenticatedError
+    from registry.rollout_service.service import build_service
+    from registry.rollout_service.settings import ServiceSettings
+    from registry.rollout_service.token_entries import Scope
+
+    kept, dropped = "k" * 24, "d" * 24
+    first = build_service(ServiceSettings(data_dir=tmp_path, operator_tokens=f"kept={kept},dropped:read={dropped}"))
+    assert first.operators.authenticate(dropped).scope == Scope.read
+    made = first.operators.create("made-by-api", Scope.operate, actor="operator:kept")
+    first.engine.dispose()
+
+    restarted = build_service(ServiceSettings(data_dir=tmp_path, operator_tokens=f"kept={kept}"))
+    try:
+        assert restarted.operators.authenticate(kept).name == "kept"
+        with pytest.raises(NotAuthenticatedError, match="revoked"):
+            restarted.operators.authenticate(dropped)
+        assert restarted.operators.authenticate(made).name == "made-by-api"  # the setting touches no API token
+    finally:
+        restarted.engine.dispose()
