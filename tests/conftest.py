@@ -28,7 +28,8 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ["XDG_CACHE_HOME"] = str(Path(os.environ.get("YOLO_OTA_FIXTURE_CACHE", REPO / ".cache" / "fixtures")))
 
 import torch  # noqa: E402
-from servers import start_mlflow, start_rollout_service  # noqa: E402
+from fleet import Fleet  # noqa: E402
+from servers import mlflow_client, start_mlflow, start_rollout_service  # noqa: E402
 
 from yolo_ota.processes import RunningServer  # noqa: E402
 from yolo_ota.scratch_postgres import create_postgres_database, drop_postgres_database, postgres_reachable  # noqa: E402
@@ -178,3 +179,24 @@ def module_service(
     )
     yield server
     server.stop()
+
+
+@pytest.fixture
+def approval_fleet(tmp_path: Path, mlflow_server: RunningServer, fleet_model: dict[str, str]) -> Iterator[Fleet]:
+    """A service that makes promotions wait for approval and polls MLflow's aliases every second, with its fleet
+    client; the model has no production alias before or after."""
+    client = mlflow_client(mlflow_server)
+
+    def clear() -> None:
+        if "production" in (client.get_registered_model(fleet_model["model"]).aliases or {}):
+            client.delete_registered_model_alias(fleet_model["model"], "production")
+
+    clear()
+    server = start_rollout_service(
+        tmp_path / "svc", mlflow_url=mlflow_server.url, settings={"PROMOTION_APPROVAL": "required"}
+    )
+    sim = Fleet(server.url)
+    yield sim
+    sim.close()
+    server.stop()
+    clear()

@@ -69,3 +69,9 @@ def start_rollout_service(
     variables.update(settings or {})
     env = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
     return start_service(data_dir, TOKENS, variables, port=port, env=env, verbose=True, timeout_s=timeout_s)
+
+
+def mlflow_client(mlflow_server: RunningServer):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=mlflow_server.url, registry_uri=mlflow_server.url)

@@ -14,7 +14,7 @@ import httpx
 import pytest
 from browser import CHROMIUM, CHROMIUM_FLAGS
 from fleet import Fleet
-from servers import OPERATOR_TOKEN, start_rollout_service
+from servers import OPERATOR_TOKEN, mlflow_client
 
 from exporters.device_identity import DeviceKey, enrollment_body
 from exporters.fingerprint import collect
@@ -25,27 +25,6 @@ pytestmark = pytest.mark.skipif(
     not (CHROMIUM.exists() and CHROMEDRIVER.exists()), reason="Chromium and chromedriver are not installed"
 )
 MODEL = "pcb-line"
-
-
-def _mlflow(mlflow_server: RunningServer):
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=mlflow_server.url, registry_uri=mlflow_server.url)
-
-
-@pytest.fixture
-def fleet(tmp_path: Path, mlflow_server: RunningServer, fleet_model: dict[str, str]) -> Iterator[Fleet]:
-    client = _mlflow(mlflow_server)
-    if "production" in (client.get_registered_model(MODEL).aliases or {}):
-        client.delete_registered_model_alias(MODEL, "production")
-    server = start_rollout_service(
-        tmp_path / "svc", mlflow_url=mlflow_server.url, settings={"PROMOTION_APPROVAL": "required"}
-    )
-    sim = Fleet(server.url)
-    yield sim
-    sim.close()
-    server.stop()
-    client.delete_registered_model_alias(MODEL, "production")
 
 
 @pytest.fixture
@@ -79,23 +58,34 @@ def _open(browser: Any, fleet: Fleet, token: str) -> None:
 
 
 def _click(browser: Any, kind: str, id_: str, action: str, *, confirm: bool = False) -> None:
+    """Click the button, again if the page redrew it between finding and clicking (it redraws every 3 s)."""
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
     from selenium.webdriver.support import expected_conditions
     from selenium.webdriver.support.ui import WebDriverWait
 
     selector = f'button.decide[data-kind="{kind}"][data-id="{id_}"][data-action="{action}"]'
-    WebDriverWait(browser, 30).until(expected_conditions.element_to_be_clickable(("css selector", selector))).click()
+
+    def clicked(driver: Any) -> bool:
+        try:
+            driver.find_element("css selector", selector).click()
+        except (NoSuchElementException, StaleElementReferenceException):
+            return False
+        return True
+
+    WebDriverWait(browser, 30).until(clicked)
     if confirm:
         WebDriverWait(browser, 10).until(expected_conditions.alert_is_present()).accept()
 
 
 def test_a_person_decides_on_keys_and_promotions_from_the_dashboard(
-    fleet: Fleet, browser: Any, mlflow_server: RunningServer, fleet_model: dict[str, str]
+    approval_fleet: Fleet, browser: Any, mlflow_server: RunningServer, fleet_model: dict[str, str]
 ) -> None:
+    fleet = approval_fleet
     victim = fleet.enroll("ui-victim")  # the Fleet's own key for it
     assert _enroll(fleet, DeviceKey.generate(), "ui-victim", None).status_code == 202  # another key asks for it
     strict = fleet.op("POST", "/v1/enrollment-tokens", json={"name": "ui-strict"}, expect=201)["token"]
     assert _enroll(fleet, DeviceKey.generate(), "ui-new", strict).status_code == 202  # a new id that waits
-    _mlflow(mlflow_server).set_registered_model_alias(MODEL, "production", fleet_model["better"])
+    mlflow_client(mlflow_server).set_registered_model_alias(MODEL, "production", fleet_model["better"])
     waiting = fleet.wait_for(
         "the waiting promotion",
         lambda: [r for r in fleet.op("GET", "/v1/rollouts")["rollouts"] if r["state"] == "waiting_for_approval"],
@@ -114,7 +104,7 @@ def test_a_person_decides_on_keys_and_promotions_from_the_dashboard(
     assert "approve" in [e["action"] for e in fleet.audit(waiting["id"])]
 
     # A read-only token sees the buttons, and the service's refusal when one is pressed.
-    _mlflow(mlflow_server).set_registered_model_alias(MODEL, "production", fleet_model["good"])
+    mlflow_client(mlflow_server).set_registered_model_alias(MODEL, "production", fleet_model["good"])
     second = fleet.wait_for(
         "the next waiting promotion",
         lambda: [r for r in fleet.op("GET", "/v1/rollouts")["rollouts"] if r["state"] == "waiting_for_approval"],

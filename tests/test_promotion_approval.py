@@ -9,38 +9,14 @@ import hashlib
 import hmac
 import json
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
-import pytest
 from fleet import Fleet
-from servers import OPERATOR_TOKEN, WEBHOOK_SECRET, start_rollout_service
+from servers import OPERATOR_TOKEN, WEBHOOK_SECRET, mlflow_client
 
 from yolo_ota.processes import RunningServer
 
 MODEL = "pcb-line"
-
-
-def _mlflow(mlflow_server: RunningServer):
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=mlflow_server.url, registry_uri=mlflow_server.url)
-
-
-@pytest.fixture
-def fleet(tmp_path: Path, mlflow_server: RunningServer, fleet_model: dict[str, str]) -> Iterator[Fleet]:
-    """A service that requires approval and polls MLflow's aliases every second; no production alias at start."""
-    client = _mlflow(mlflow_server)
-    if "production" in (client.get_registered_model(MODEL).aliases or {}):
-        client.delete_registered_model_alias(MODEL, "production")
-    server = start_rollout_service(
-        tmp_path / "svc", mlflow_url=mlflow_server.url, settings={"PROMOTION_APPROVAL": "required"}
-    )
-    sim = Fleet(server.url)
-    yield sim
-    sim.close()
-    server.stop()
 
 
 def _offered(fleet: Fleet, devices: list) -> set[str | None]:
@@ -48,9 +24,10 @@ def _offered(fleet: Fleet, devices: list) -> set[str | None]:
 
 
 def test_an_alias_move_waits_for_approval_and_a_rejection_offers_nothing(
-    fleet: Fleet, mlflow_server: RunningServer, fleet_model: dict[str, str]
+    approval_fleet: Fleet, mlflow_server: RunningServer, fleet_model: dict[str, str]
 ) -> None:
-    client = _mlflow(mlflow_server)
+    fleet = approval_fleet
+    client = mlflow_client(mlflow_server)
     devices = fleet.enroll_many(4, "approval")
     running = fleet.create_rollout(model=MODEL, version=fleet_model["good"], strategy="immediate")
     fleet.follow(devices)

@@ -37,9 +37,8 @@ class TokenCreated(BaseModel):
     token: str
 
 
-class OperatorTokenPublic(BaseModel):
+class _TokenPublic(BaseModel):
     name: str
-    scope: Scope
     source: str  # setting | api
     created_at: datetime
     created_by: str | None
@@ -48,15 +47,12 @@ class OperatorTokenPublic(BaseModel):
     active: bool
 
 
-class EnrollmentTokenPublic(BaseModel):
-    name: str
+class OperatorTokenPublic(_TokenPublic):
+    scope: Scope
+
+
+class EnrollmentTokenPublic(_TokenPublic):
     auto_accept: str | None
-    source: str
-    created_at: datetime
-    created_by: str | None
-    expires_at: datetime | None
-    revoked_at: datetime | None
-    active: bool
 
 
 class OperatorTokenList(BaseModel):

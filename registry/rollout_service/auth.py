@@ -15,7 +15,7 @@ import logging
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
@@ -24,7 +24,7 @@ from registry.rollout_service.db import OperatorToken, transaction, utcnow
 from registry.rollout_service.devices import DeviceRegistry, token_digest
 from registry.rollout_service.errors import ConflictError, ForbiddenError, NotAuthenticatedError, NotFoundError
 from registry.rollout_service.records import audit, bump_generation
-from registry.rollout_service.token_entries import Scope, TokenEntry
+from registry.rollout_service.token_entries import Scope, StoredToken, TokenEntry
 
 log = logging.getLogger(__name__)
 
@@ -51,18 +51,8 @@ class Operator:
 
 
 @dataclass(frozen=True)
-class OperatorTokenView:
-    name: str
-    scope: Scope
-    source: str
-    created_at: datetime
-    created_by: str | None
-    expires_at: datetime | None
-    revoked_at: datetime | None
-
-    @property
-    def active(self) -> bool:
-        return self.revoked_at is None and (self.expires_at is None or self.expires_at > utcnow())
+class OperatorTokenView(StoredToken):
+    scope: Scope = Scope.read
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import fnmatch
 import hmac
 import secrets
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
@@ -22,25 +22,15 @@ from registry.rollout_service.db import EnrollmentToken, transaction, utcnow
 from registry.rollout_service.devices import token_digest
 from registry.rollout_service.errors import ConflictError, NotAuthenticatedError, NotFoundError
 from registry.rollout_service.records import audit
-from registry.rollout_service.token_entries import TokenEntry
+from registry.rollout_service.token_entries import StoredToken, TokenEntry
 
 SETTING, API = "setting", "api"
 ANY_ID = "*"
 
 
 @dataclass(frozen=True)
-class EnrollmentTokenView:
-    name: str
-    auto_accept: str | None
-    source: str
-    created_at: datetime
-    created_by: str | None
-    expires_at: datetime | None
-    revoked_at: datetime | None
-
-    @property
-    def active(self) -> bool:
-        return self.revoked_at is None and (self.expires_at is None or self.expires_at > utcnow())
+class EnrollmentTokenView(StoredToken):
+    auto_accept: str | None = None
 
     def accepts(self, device_id: str) -> bool:
         """Whether an id this token admits is accepted at once (else it waits for an operator)."""

@@ -173,7 +173,7 @@ class DeviceIdentity:
             bump_generation(session)
         return done
 
-    def decommission(self, device_id: str, *, actor: str) -> None:
+    def decommission(self, device_id: str, *, actor: str) -> str:
         """Retire a device: its token stops working on every replica, it enrolls no more, rollouts leave it out."""
         with transaction(self._sessions) as session:
             row = self._row(session, device_id)
@@ -184,6 +184,7 @@ class DeviceIdentity:
             audit(session, actor=actor, action="device_decommissioned", reason=device_id)
             bump_generation(session)
         self._devices.changed()
+        return "its token no longer works anywhere and it cannot enroll again"
 
     @staticmethod
     def _row(session: Session, device_id: str) -> Device:

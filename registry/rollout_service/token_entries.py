@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from enum import StrEnum
 
 MIN_TOKEN_CHARS = 16
@@ -32,6 +33,22 @@ class Scope(StrEnum):
     def includes(self, other: Scope) -> bool:
         order = list(Scope)
         return order.index(self) >= order.index(other)
+
+
+@dataclass(frozen=True)
+class StoredToken:
+    """What is kept of a token besides its digest: where it came from, who made it, until when it works."""
+
+    name: str
+    source: str  # setting | api
+    created_at: datetime
+    created_by: str | None
+    expires_at: datetime | None
+    revoked_at: datetime | None
+
+    @property
+    def active(self) -> bool:
+        return self.revoked_at is None and (self.expires_at is None or self.expires_at > datetime.now(UTC))
 
 
 @dataclass(frozen=True)

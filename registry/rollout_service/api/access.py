@@ -67,25 +67,22 @@ def revoke_enrollment_token(operator: AdminOperator, service: ServiceDep, name: 
     return {"revoked": 1}
 
 
-@router.post("/devices/{device_id}/accept")
-def accept_device(
-    operator: AdminOperator, service: ServiceDep, device_id: Annotated[DeviceId, Path()]
-) -> DeviceDecision:
-    done = service.identity.accept(device_id, actor=operator.actor)
-    return DeviceDecision(device_id=device_id, action="accept", done=done)
+_DECISIONS = ("accept", "reject", "decommission")
 
 
-@router.post("/devices/{device_id}/reject")
-def reject_device(
-    operator: AdminOperator, service: ServiceDep, device_id: Annotated[DeviceId, Path()]
-) -> DeviceDecision:
-    done = service.identity.reject(device_id, actor=operator.actor)
-    return DeviceDecision(device_id=device_id, action="reject", done=done)
+def _decision_route(action: str) -> None:
+    """``POST /v1/devices/{device_id}/<action>``: one route (and one OpenAPI operation) per decision."""
+
+    def decision(
+        operator: AdminOperator, service: ServiceDep, device_id: Annotated[DeviceId, Path()]
+    ) -> DeviceDecision:
+        identity = service.identity
+        decide = {"accept": identity.accept, "reject": identity.reject, "decommission": identity.decommission}[action]
+        return DeviceDecision(device_id=device_id, action=action, done=decide(device_id, actor=operator.actor))
+
+    decision.__name__ = f"{action}_device"
+    router.post(f"/devices/{{device_id}}/{action}", name=f"{action}_device")(decision)
 
 
-@router.post("/devices/{device_id}/decommission")
-def decommission_device(
-    operator: AdminOperator, service: ServiceDep, device_id: Annotated[DeviceId, Path()]
-) -> DeviceDecision:
-    service.identity.decommission(device_id, actor=operator.actor)
-    return DeviceDecision(device_id=device_id, action="decommission", done="its token no longer works anywhere")
+for _action in _DECISIONS:
+    _decision_route(_action)
