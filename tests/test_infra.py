@@ -328,6 +328,7 @@ def test_service_settings_load_from_compose(compose: dict[str, Any], monkeypatch
     settings = _service_settings(compose["services"]["rollouts"]["environment"], monkeypatch)
     assert settings.database.startswith("postgresql://") and "@postgres:5432/" in settings.database
     assert settings.public_url == "http://rollouts:8700" and settings.webhook_key and settings.mlflow_uri
+    assert settings.promotion_approval == "required"  # moving an alias in MLflow only asks for a rollout
 
 
 def test_service_settings_from_kubernetes_refuse_the_placeholders(
@@ -341,6 +342,7 @@ def test_service_settings_from_kubernetes_refuse_the_placeholders(
     settings = _service_settings(filled, monkeypatch)
     assert settings.database.startswith("postgresql://"), "replicas need one shared database, not SQLite"
     assert settings.public_url and settings.webhook_key and settings.mlflow_uri
+    assert settings.promotion_approval == "required"
     with pytest.raises(ServiceSettingsError, match="YOLO_OTA_OPERATOR_TOKENS"):
         _service_settings(shipped, monkeypatch)
 
