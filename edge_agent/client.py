@@ -109,8 +109,11 @@ class ServiceClient:
         if self._load_token() is None:
             self.enroll()
         elif self._adopt_key:
-            self.enroll(show_token=True)
             self._adopt_key = False
+            try:
+                self.enroll(show_token=True)
+            except (EnrollmentPending, EnrollmentRefused) as exc:  # the token still works: go on with it
+                log.warning("the service did not take this device's new key (%s); going on with its token", exc)
         response = self._send(method, path, **kwargs)
         if response.status_code in (401, 404):
             # The token was rotated, an operator accepted a new key, or the service lost this device: enroll

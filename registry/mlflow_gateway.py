@@ -192,6 +192,22 @@ class MlflowGateway:
                 if not token:
                     return found
 
+    def newest_versions(self) -> dict[str, tuple[str, str]]:
+        """``{model: (version, source)}``: the newest version of every registered model that has one."""
+        found: dict[str, tuple[str, str]] = {}
+        with _translated("registered models", self.tracking_uri):
+            token: str | None = None
+            while True:
+                page = self._client.search_registered_models(max_results=200, page_token=token)
+                for registered in page:
+                    versions = [v for v in registered.latest_versions or [] if str(v.version).isdigit()]
+                    if versions:
+                        newest = max(versions, key=lambda v: int(v.version))
+                        found[registered.name] = (str(newest.version), str(newest.source or ""))
+                token = page.token
+                if not token:
+                    return found
+
     # -- writing ---------------------------------------------------------------------------------------------
 
     def register_bundle(self, bundle_dir: Path, model: str, *, experiment: str = DEFAULT_EXPERIMENT) -> Registration:

@@ -72,6 +72,10 @@ class ServiceSettings(LayeredSettings):
     webhook_secret: str | None = None
     watch_models: str | None = None  # comma-separated registered models; default: every registered model
     promotion_alias: str = "production"
+    # MLflow's "Promote model" copies a version into another registered model: `<line><suffix>` is the promotion
+    # target of `<line>`, unless promotion_targets maps names (`pcb-prod=pcb-defects,...`); "" turns the suffix off.
+    promotion_copy_suffix: str = "-prod"
+    promotion_targets: str | None = None
     # required: a promotion in MLflow creates its rollout waiting_for_approval, for an operator to approve or reject
     promotion_approval: Literal["required", "none"] = "none"
     alias_poll_interval_s: float = Field(default=30.0, gt=0)
@@ -156,6 +160,16 @@ class ServiceSettings(LayeredSettings):
         if self.webhook_secret:
             return self.webhook_secret
         return DEV_WEBHOOK_SECRET if self.dev_mode else None
+
+    def promotion_source_of(self, target: str) -> str | None:
+        """The registered model whose promotions ``target`` receives as copies, or None."""
+        mapped = dict(part.partition("=")[::2] for part in _split(self.promotion_targets))
+        if target in mapped:
+            return mapped[target].strip() or None
+        suffix = self.promotion_copy_suffix
+        if suffix and target.endswith(suffix) and len(target) > len(suffix):
+            return target[: -len(suffix)]
+        return None
 
     @property
     def watched_models(self) -> list[str]:

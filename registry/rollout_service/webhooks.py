@@ -19,7 +19,7 @@ from typing import Any
 from registry.rollout_service.errors import NotAuthenticatedError
 
 WEBHOOK_NAME = "yolo-ota-rollout-service"
-WEBHOOK_EVENTS = ("model_version_alias.created",)
+WEBHOOK_EVENTS = ("model_version_alias.created", "model_version.created")
 WEBHOOK_PATH = "/v1/hooks/mlflow"
 SIGNATURE_HEADER = "X-MLflow-Signature"
 TIMESTAMP_HEADER = "X-MLflow-Timestamp"
