@@ -75,3 +75,27 @@ def mlflow_client(mlflow_server: RunningServer):
     from mlflow import MlflowClient
 
     return MlflowClient(tracking_uri=mlflow_server.url, registry_uri=mlflow_server.url)
+
+
+def start_webhook_service(data_dir: Path, mlflow_url: str, *, database_url: str | None = None) -> RunningServer:
+    """A rollout service that hears of promotions only by MLflow's webhook (the poll all but off), started once
+    MLflow has its webhook: it logs the registration."""
+    import time
+
+    from yolo_ota.processes import free_port
+
+    port = free_port()
+    server = start_rollout_service(
+        data_dir,
+        database_url=database_url,
+        mlflow_url=mlflow_url,
+        port=port,
+        settings={"PUBLIC_URL": f"http://127.0.0.1:{port}", "ALIAS_POLL_INTERVAL_S": "3600"},
+    )
+    deadline = time.monotonic() + 30
+    while "webhook yolo-ota-rollout-service" not in server.log_tail(20000):
+        if time.monotonic() > deadline:
+            server.stop()
+            raise AssertionError(f"the service registered no webhook in 30 s:\n{server.log_tail(3000)}")
+        time.sleep(0.1)
+    return server

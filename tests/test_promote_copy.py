@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 from fleet import Fleet
-from servers import mlflow_client, start_rollout_service
+from servers import mlflow_client, start_rollout_service, start_webhook_service
 
 from yolo_ota.processes import RunningServer
 
@@ -75,20 +75,11 @@ def test_the_copy_reaches_the_service_by_mlflows_webhook(
     tmp_path: Path, mlflow_server: RunningServer, fleet_model: dict[str, str]
 ) -> None:
     """With polling all but off, only MLflow's signed ``model_version.created`` webhook can tell the service."""
-    from yolo_ota.processes import free_port
-
     client = mlflow_client(mlflow_server)
     client.create_registered_model(TARGET)
-    port = free_port()
-    server = start_rollout_service(
-        tmp_path / "hook",
-        mlflow_url=mlflow_server.url,
-        port=port,
-        settings={"PUBLIC_URL": f"http://127.0.0.1:{port}", "ALIAS_POLL_INTERVAL_S": "3600"},
-    )
+    server = start_webhook_service(tmp_path / "hook", mlflow_server.url)
     fleet = Fleet(server.url)
     try:
-        fleet.wait_for("the webhook registration", lambda: "webhook yolo-ota-rollout-service" in server.log_tail(20000))
         _copy(mlflow_server, MODEL, fleet_model["good"])
         rollout = fleet.wait_for("a rollout from the webhook", lambda: fleet.op("GET", "/v1/rollouts")["rollouts"])[0]
         assert rollout["version"] == fleet_model["good"] and "seen by webhook" in rollout["reason"]

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 from fleet import Fleet
-from servers import start_rollout_service
+from servers import start_rollout_service, start_webhook_service
 
 from registry.rollout_service.db import Device, make_engine
-from yolo_ota.processes import RunningServer, free_port
+from yolo_ota.processes import RunningServer
 
 MODEL = "pcb-line"
 FAST_WAVES = [
@@ -386,17 +386,9 @@ def test_webhook_from_mlflow_starts_the_rollout(
     tmp_path: Path, database_url: str, mlflow_server: RunningServer, no_alias: dict[str, str]
 ) -> None:
     """With polling all but off, only MLflow's signed webhook can tell the service about the promotion."""
-    port = free_port()
-    server = start_rollout_service(
-        tmp_path / "hook",
-        database_url=database_url,
-        mlflow_url=mlflow_server.url,
-        port=port,
-        settings={"PUBLIC_URL": f"http://127.0.0.1:{port}", "ALIAS_POLL_INTERVAL_S": "3600"},
-    )
+    server = start_webhook_service(tmp_path / "hook", mlflow_server.url, database_url=database_url)
     fleet = Fleet(server.url)
     try:
-        fleet.wait_for("the webhook registration", lambda: "webhook yolo-ota-rollout-service" in server.log_tail(20000))
         _mlflow(mlflow_server).set_registered_model_alias(MODEL, "production", no_alias["better"])
         rollout = fleet.wait_for("a rollout from the webhook", lambda: fleet.op("GET", "/v1/rollouts")["rollouts"])[0]
         assert rollout["version"] == no_alias["better"] and "seen by webhook" in rollout["reason"]

@@ -73,11 +73,7 @@ class PromotionWatcher:
             return 0
         try:
             found = self._gateway().aliases(self._settings.watched_models or None)
-            newest = (
-                self._gateway().newest_versions()
-                if self._settings.promotion_copy_suffix or (self._settings.promotion_targets)
-                else {}
-            )
+            newest = self._gateway().newest_versions() if self._settings.copies_promote else {}
         except RegistryError as exc:
             log.warning("alias poll: %s", exc)
             return 0

@@ -161,6 +161,11 @@ class ServiceSettings(LayeredSettings):
             return self.webhook_secret
         return DEV_WEBHOOK_SECRET if self.dev_mode else None
 
+    @property
+    def copies_promote(self) -> bool:
+        """Whether a version copied into another registered model can be a promotion at all."""
+        return bool(self.promotion_copy_suffix or self.promotion_targets)
+
     def promotion_source_of(self, target: str) -> str | None:
         """The registered model whose promotions ``target`` receives as copies, or None."""
         mapped = dict(part.partition("=")[::2] for part in _split(self.promotion_targets))
