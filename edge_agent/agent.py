@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from edge_agent.client import ServiceClient
-from edge_agent.download import Downloader
+from edge_agent.download import Downloader, OriginBasicAuth
 from edge_agent.errors import AgentError
 from edge_agent.frames import FrameRing
 from edge_agent.journal import Journal
@@ -82,6 +82,7 @@ class Agent:
             min_free_bytes=settings.min_free_bytes,
             timeout_s=settings.http_timeout_s,
             stop=self._stop,
+            auth=_mlflow_login(settings),
         )
         self.updates = Updates(
             settings=settings,
@@ -209,6 +210,13 @@ class Agent:
         elif self.journal.state.state in BEFORE_SWAP:  # a download that failed for a retryable reason: retry
             self.updates.continue_update()
         return delay
+
+
+def _mlflow_login(settings: AgentSettings) -> OriginBasicAuth | None:
+    """The MLflow login for downloads through its artifact proxy, sent to ``mlflow_url``'s origin only."""
+    if not (settings.mlflow_url and settings.mlflow_username and settings.mlflow_password):
+        return None
+    return OriginBasicAuth(settings.mlflow_url, settings.mlflow_username, settings.mlflow_password)
 
 
 def _describe(model: LoadedModel | None) -> dict[str, str] | None:

@@ -13,6 +13,7 @@ import logging
 import shutil
 import threading
 import time
+from collections.abc import Generator
 from pathlib import Path
 
 import httpx
@@ -39,15 +40,45 @@ def staged_path(staging: Path, relative: str) -> Path:
         raise VerificationFailed(f"refused: {exc}") from None
 
 
+class OriginBasicAuth(httpx.Auth):
+    """HTTP basic credentials sent to one origin (scheme, host, port) only.
+
+    Bundle files come from MLflow's artifact proxy, which wants its login, or from presigned S3 URLs, which must
+    carry no ``Authorization`` header at all; the service names the URLs, so the origin is fixed by the device's
+    own settings, never by what the service answers.
+    """
+
+    def __init__(self, origin_url: str, username: str, password: str) -> None:
+        self.origin = _origin(httpx.URL(origin_url))
+        self._basic = httpx.BasicAuth(username, password)
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        if _origin(request.url) == self.origin:
+            yield from self._basic.auth_flow(request)
+        else:
+            yield request
+
+
+def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
+    default = {"http": 80, "https": 443}.get(url.scheme)
+    return url.scheme, url.host, url.port or default
+
+
 class Downloader:
     """Fetches bundles over HTTP with its own client (files come from MLflow or S3, not the rollout service)."""
 
     def __init__(
-        self, *, attempts: int, min_free_bytes: int, timeout_s: float, stop: threading.Event | None = None
+        self,
+        *,
+        attempts: int,
+        min_free_bytes: int,
+        timeout_s: float,
+        stop: threading.Event | None = None,
+        auth: httpx.Auth | None = None,
     ) -> None:
         self._attempts = attempts
         self._min_free_bytes = min_free_bytes
-        self._http = httpx.Client(timeout=timeout_s, follow_redirects=True)
+        self._http = httpx.Client(timeout=timeout_s, follow_redirects=True, auth=auth)
         self._stop = stop or threading.Event()
 
     def close(self) -> None:

@@ -38,6 +38,11 @@ class AgentSettings(LayeredSettings):
     enrollment_token: str | None = None  # only needed to enroll a new id
     enrollment_token_file: Path | None = None  # the same, read from a file (neither a flag nor `ps` shows it)
     public_key: Path | None = None  # with a key, unsigned or badly signed bundles are refused
+    # MLflow's login, for bundle files fetched through its artifact proxy: sent to mlflow_url's origin only.
+    mlflow_url: str | None = None
+    mlflow_username: str | None = None
+    mlflow_password: str | None = None
+    mlflow_password_file: Path | None = None  # the same, read from a file
     listen: str | None = "127.0.0.1:8710"  # local API; None: no HTTP server (in-process use)
     labels: dict[str, str] = Field(default_factory=dict)
     device: Literal["auto", "cuda", "cpu"] = "auto"
@@ -70,18 +75,31 @@ class AgentSettings(LayeredSettings):
 
     @model_validator(mode="before")
     @classmethod
-    def _token_from_file(cls, values: Any) -> Any:
-        if isinstance(values, dict) and values.get("enrollment_token_file") and not values.get("enrollment_token"):
-            path = Path(values["enrollment_token_file"])
-            try:
-                values["enrollment_token"] = path.read_text().strip() or None
-            except OSError as exc:
-                raise ValueError(f"enrollment_token_file: cannot read {path}: {exc.strerror}") from None
+    def _secrets_from_files(cls, values: Any) -> Any:
+        if not isinstance(values, dict):
+            return values
+        for name in ("enrollment_token", "mlflow_password"):
+            if values.get(f"{name}_file") and not values.get(name):
+                path = Path(values[f"{name}_file"])
+                try:
+                    values[name] = path.read_text().strip() or None
+                except OSError as exc:
+                    raise ValueError(f"{name}_file: cannot read {path}: {exc.strerror}") from None
         return values
 
-    @field_validator("server")
+    @model_validator(mode="after")
+    def _mlflow_login(self) -> AgentSettings:
+        if bool(self.mlflow_username) != bool(self.mlflow_password):
+            raise ValueError("mlflow_username and mlflow_password go together")
+        if self.mlflow_username and not self.mlflow_url:
+            raise ValueError("mlflow_url is needed with mlflow_username: the only origin the login is sent to")
+        return self
+
+    @field_validator("server", "mlflow_url")
     @classmethod
-    def _url(cls, value: str) -> str:
+    def _url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
         if not value.startswith(("http://", "https://")):
             raise ValueError(f"{value!r} is not an http(s) URL")
         return value.rstrip("/")

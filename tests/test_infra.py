@@ -165,11 +165,12 @@ def _probe_urls(text: str) -> list[tuple[int, str]]:
 def _setting_variables() -> set[str]:
     from edge_agent.settings import CONFIG_FILE_ENV as AGENT_CONFIG_ENV
     from edge_agent.settings import AgentSettings
+    from registry.mlflow_login import VARIABLES as MLFLOW_LOGIN_VARIABLES
     from registry.rollout_service.settings import CONFIG_FILE_ENV, ServiceSettings
 
     service = {f"YOLO_OTA_{field.upper()}" for field in ServiceSettings.model_fields}
     agent = {f"YOLO_OTA_AGENT_{field.upper()}" for field in AgentSettings.model_fields}
-    return service | agent | {CONFIG_FILE_ENV, AGENT_CONFIG_ENV}
+    return service | agent | set(MLFLOW_LOGIN_VARIABLES) | {CONFIG_FILE_ENV, AGENT_CONFIG_ENV}
 
 
 _SERVICE_WITHOUT_TORCH = """
@@ -236,9 +237,16 @@ def _mlflow_module(name: str) -> Any:
         return importlib.import_module(name)
 
 
-def _mlflow_server_parse(argv: list[str]) -> Any:
-    cli = _mlflow_module("mlflow.cli").cli
+LOGIN_SCRIPT = INFRA / "docker" / "mlflow-login.sh"
 
+
+def _mlflow_server_parse(argv: list[str]) -> Any:
+    """The `mlflow server` options of ``argv``; ``mlflow-login.sh ARGS`` runs ``mlflow server --app-name basic-auth
+    ARGS`` (the script's last line says so)."""
+    cli = _mlflow_module("mlflow.cli").cli
+    if argv[:1] == [LOGIN_SCRIPT.name]:
+        assert LOGIN_SCRIPT.read_text().splitlines()[-1] == 'exec mlflow server --app-name basic-auth "$@"'
+        argv = ["mlflow", "server", "--app-name", "basic-auth", *argv[1:]]
     assert argv[:2] == ["mlflow", "server"], f"{argv} is not `mlflow server`"
     return cli.commands["server"].make_context("server", list(argv[2:]))
 
@@ -258,9 +266,9 @@ def test_compose_file_follows_the_compose_specification() -> None:
 
 def test_compose_resolves_with_every_variable_set(compose: dict[str, Any]) -> None:
     services = compose["services"]
-    assert set(services) == {"postgres", "minio", "minio-setup", "mlflow", "rollouts"}
+    assert set(services) == {"postgres", "minio", "minio-setup", "mlflow", "mlflow-setup", "rollouts"}
     for name, service in services.items():
-        if name != "minio-setup":  # the one-shot job
+        if not name.endswith("-setup"):  # the one-shot jobs
             assert service.get("healthcheck", {}).get("test"), f"{name} has no healthcheck"
     assert services["mlflow"]["depends_on"]["minio-setup"]["condition"] == "service_completed_successfully"
     for name in ("mlflow", "rollouts"):
@@ -327,7 +335,8 @@ def _service_settings(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> A
 def test_service_settings_load_from_compose(compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
     settings = _service_settings(compose["services"]["rollouts"]["environment"], monkeypatch)
     assert settings.database.startswith("postgresql://") and "@postgres:5432/" in settings.database
-    assert settings.public_url == "http://rollouts:8700" and settings.webhook_key and settings.mlflow_uri
+    # No public URL: the service does not register its webhook (mlflow-setup does, as MLflow's admin).
+    assert settings.public_url is None and settings.webhook_key and settings.mlflow_uri
     assert settings.promotion_approval == "required"  # moving an alias in MLflow only asks for a rollout
 
 
@@ -341,7 +350,7 @@ def test_service_settings_from_kubernetes_refuse_the_placeholders(
     filled = {name: value or f"test-{name.lower()}" for name, value in shipped.items()}
     settings = _service_settings(filled, monkeypatch)
     assert settings.database.startswith("postgresql://"), "replicas need one shared database, not SQLite"
-    assert settings.public_url and settings.webhook_key and settings.mlflow_uri
+    assert settings.public_url is None and settings.webhook_key and settings.mlflow_uri
     assert settings.promotion_approval == "required"
     with pytest.raises(ServiceSettingsError, match="YOLO_OTA_OPERATOR_TOKENS"):
         _service_settings(shipped, monkeypatch)
@@ -377,6 +386,32 @@ def test_containers_run_real_commands(compose: dict[str, Any], k8s: list[dict[st
     (container,) = _pod_templates(k8s)["mlflow"]["spec"]["containers"]
     context = _mlflow_server_parse([*container["command"], *container["args"]])
     assert context.params["serve_artifacts"]
+
+
+def test_mlflow_runs_behind_its_login_and_each_role_has_its_user(
+    compose: dict[str, Any], k8s: list[dict[str, Any]]
+) -> None:
+    services = compose["services"]
+    assert _mlflow_server_parse(services["mlflow"]["command"]).params["app_name"] == "basic-auth"
+    (container,) = _pod_templates(k8s)["mlflow"]["spec"]["containers"]
+    assert _mlflow_server_parse([*container["command"], *container["args"]]).params["app_name"] == "basic-auth"
+    # The service signs in as its own user, not as the admin, and so registers no webhook: the setup job does.
+    rollouts = services["rollouts"]["environment"]
+    assert rollouts["MLFLOW_TRACKING_USERNAME"] == "yolo-ota-service" and "YOLO_OTA_PUBLIC_URL" not in rollouts
+    setup = services["mlflow-setup"]
+    assert setup["entrypoint"] == ["python", "-m", "registry.mlflow_login"]
+    assert (
+        setup["environment"]["MLFLOW_TRACKING_USERNAME"]
+        == services["mlflow"]["environment"]["MLFLOW_AUTH_ADMIN_USERNAME"]
+    )
+    assert setup["environment"]["YOLO_OTA_WEBHOOK_URL"].endswith("/v1/hooks/mlflow")
+    jobs = [r for r in k8s if r["kind"] == "Job" and r["metadata"]["name"] == "mlflow-setup"]
+    assert len(jobs) == 1
+    (job_container,) = jobs[0]["spec"]["template"]["spec"]["containers"]
+    assert job_container["command"] == ["python", "-m", "registry.mlflow_login"]
+    env = {e["name"]: e for e in _pod_templates(k8s)["rollouts"]["spec"]["containers"][0].get("env", [])}
+    assert env["MLFLOW_TRACKING_USERNAME"]["value"] == "yolo-ota-service"
+    assert env["MLFLOW_TRACKING_PASSWORD"]["valueFrom"]["secretKeyRef"]["key"] == "MLFLOW_SERVICE_PASSWORD"
 
 
 def test_health_checks_ask_routes_the_services_serve(
@@ -538,8 +573,9 @@ def test_image_versions_follow_the_lock_and_the_project(compose: dict[str, Any],
     locked = _lock_versions()
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
     assert _dockerfile("mlflow").baseimage == f"ghcr.io/mlflow/mlflow:v{locked['mlflow']}"
-    pins = dict(re.findall(r'"([a-z0-9-]+)(?:\[[a-z]+\])?==([^"]+)"', " ".join(_instructions("mlflow", "RUN"))))
-    assert pins == {"psycopg": locked["psycopg"], "boto3": locked["boto3"]}
+    pins = dict(re.findall(r'"([A-Za-z0-9-]+)(?:\[[a-z]+\])?==([^"]+)"', " ".join(_instructions("mlflow", "RUN"))))
+    wanted = {"psycopg": locked["psycopg"], "boto3": locked["boto3"], "Flask-WTF": locked["flask-wtf"]}
+    assert pins == wanted
     services = compose["services"]
     assert services["rollouts"]["image"] == f"yolo-ota-server:{project}"
     assert services["mlflow"]["image"] == f"yolo-ota-mlflow:{locked['mlflow']}"
@@ -569,6 +605,7 @@ def test_manifests_follow_the_kubernetes_schemas(k8s: list[dict[str, Any]]) -> N
     assert kinds == [
         "ConfigMap",
         "Deployment",
+        "Job",
         "Namespace",
         "PodDisruptionBudget",
         "Secret",
