@@ -104,6 +104,11 @@ class FleetWatch:
                 raise DemoError(f"timed out after {timeout_s:.0f} s waiting for {what} ({states})")
             time.sleep(0.5)
 
+    def _why_failed(self, device_id: str) -> str:
+        """``: <reason>`` of the device's latest failed event, so that a failure is explained where it shows."""
+        failed = [e for e in self.operator.device(device_id)["last_events"] if not e["ok"]]
+        return f": {max(failed, key=lambda e: e['at'])['reason']}" if failed else ""
+
     def _report(self, devices: dict[str, Json], rollout: Json | None) -> None:
         for device_id, device in sorted(devices.items()):
             if device["current_version"]:
@@ -112,7 +117,8 @@ class FleetWatch:
             if self._seen_devices.get(device_id) != key:
                 self._seen_devices[device_id] = key
                 version = f"v{device['current_version']}" if device["current_version"] else "nothing yet"
-                self._say(f"  {device_id:<10} {device['state'] or 'enrolled':<12} serving {version}")
+                self._say(f"  {device_id:<10} {device['state'] or 'enrolled':<12} serving {version}"
+                          f"{self._why_failed(device_id) if device['state'] == 'failed' else ''}")  # fmt: skip
         if rollout is not None:
             key = (rollout["state"], rollout["current_wave"], *(
                 (w["devices"], w["succeeded"], w["failed"]) for w in rollout["wave_progress"]

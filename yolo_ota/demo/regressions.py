@@ -27,8 +27,8 @@ REGRESSION_WAVES: list[Json] = [
     {"percent": 25, "bake_s": 2, "max_failure_rate": 0.0, "min_success_rate": 1.0},
     {"percent": 100, "bake_s": 0, "max_failure_rate": 0.0, "min_success_rate": 1.0},
 ]
-# The server's defaults, said again in each rollout so that the demo prints what decides: small enough to decide
-# within seconds on the demo's traffic (4 frames a second per device).
+# Each regression's rollout carries its own shadow block (the promotion's canary has none) and analysis block, small
+# enough to decide within seconds on the demo's traffic (4 frames a second per device).
 SHADOW: Json = {"enabled": True, "iou": 0.5, **DEMO_SHADOW}
 REGRESSION_ANALYSIS: Json = {"min_windows": 6, "min_window_frames": DEMO_ANALYSIS["min_window_frames"], "interval_s": 1,
                              "on_fail": "rollback"}  # fmt: skip

@@ -30,10 +30,15 @@ DEMO_ANALYSIS = {
     "directions": {"class_rate": "decrease", "detections_per_image": "decrease"},
     "inconclusive_timeout_s": 120,
 }
-# Shadow validation decides on 48 sampled live frames, judging a class from 10 detections. Half of the serving
-# model's detections of each class must be matched: a retrained model rightly disagrees with its predecessor where
-# the predecessor was wrong (v2 matches about 70 % of v1's solder bridges), while a class it lost matches 0 %.
+# Shadow validation of the regressions (v3, v4, against v2) decides on 48 sampled live frames, judging a class from
+# 10 detections; half of the serving model's detections of each class must be matched: a class the candidate lost
+# matches 0 %.
 DEMO_SHADOW = {"min_matched": 0.5, "min_class_samples": 10, "sample_frames": 48, "time_limit_s": 30}
+# The canary a promotion starts (v2's, against v1) is judged by the fleet analysis alone. v1 is a model still
+# learning: matching v2's boxes one by one against v1's measures v1's mistakes as much as v2's, and how many of them
+# a 9-epoch model makes depends on the CPU that trained it (AVX-512 and AVX2 kernels train different weights from
+# the same seed: v1 found 27 boxes on the demo's 48 frames on one machine, 76 on the other).
+PROMOTION_SHADOW = {"enabled": False}
 
 # Seconds, not the minutes a factory would use, so that a whole canary fits in the demo.
 SERVICE_SETTINGS = {
@@ -43,7 +48,7 @@ SERVICE_SETTINGS = {
     "HEARTBEAT_FLUSH_S": "1",
     "POLL_INTERVAL_S": "1",
     "ANALYSIS": json.dumps(DEMO_ANALYSIS),
-    "SHADOW": json.dumps(DEMO_SHADOW),
+    "SHADOW": json.dumps(PROMOTION_SHADOW),
 }
 AGENT_SETTINGS = {
     "POLL_JITTER": "0.2",
