@@ -12,7 +12,11 @@ from registry.rollout_service.errors import RolloutServiceError
 from registry.rollout_service.schemas import Problem
 
 # What the OpenAPI document lists for every route, and for every /v1 route.
-APP_RESPONSES: dict[int | str, dict[str, Any]] = {401: {"model": Problem}, 422: {"model": Problem}}
+APP_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {"model": Problem},
+    413: {"model": Problem, "description": "the body is larger than this route's limit (api/body_limits.py)"},
+    422: {"model": Problem},
+}
 V1_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"model": Problem, "description": "the body could not be read (not UTF-8, not JSON)"},
     401: {"model": Problem},
