@@ -102,7 +102,7 @@ def main() -> int:
         print(f"exporting yolov8n.yaml at {args.imgsz} px ...", flush=True)
         first = root / "v1"
         export_bundle(ExportRequest(model="yolov8n.yaml", out_dir=first, imgsz=(args.imgsz, args.imgsz),
-                                    variants=("cpu-fp32",)))  # fmt: skip
+                                    variants=("cpu-fp32",), name=MODEL))  # fmt: skip
         second = root / "v2"
         shutil.copytree(first, second)
         manifest = read_manifest(second)  # same model, another manifest: the registry refuses duplicates

@@ -26,7 +26,7 @@ import numpy as np
 
 from edge_agent.client import ServiceClient
 from edge_agent.download import Downloader, OriginBasicAuth
-from edge_agent.errors import AgentError
+from edge_agent.errors import AgentError, AgentSettingsError
 from edge_agent.frames import FrameRing
 from edge_agent.journal import Journal
 from edge_agent.loading import ModelLoader
@@ -39,6 +39,7 @@ from edge_agent.settings import AgentSettings
 from edge_agent.state import BEFORE_SWAP, AgentState, StateStore
 from edge_agent.store import VersionStore
 from edge_agent.telemetry import Telemetry
+from edge_agent.trust import Trust
 from edge_agent.updates import Updates
 from exporters.errors import ExportError, one_line
 from exporters.fingerprint import collect
@@ -61,8 +62,13 @@ class Agent:
         self.telemetry = Telemetry()
         frames = FrameRing(capacity=settings.shadow_ring_frames, max_bytes=settings.shadow_ring_bytes,
                            every=settings.shadow_sample_every)  # fmt: skip
-        self.runtime = InferenceRuntime(observer=self._observe, frames=frames)
-        self.client = ServiceClient(settings, self.fingerprint)
+        self.runtime = InferenceRuntime(observer=self._observe, frames=frames,
+                                        max_image_pixels=settings.max_image_pixels)  # fmt: skip
+        release_key = load_public_key(settings.public_key) if settings.public_key else None
+        self.unsigned_note = _unsigned_note(settings)
+        self.trust = Trust(settings.data_dir, settings.device_id, release_key=release_key,
+                           service_key=settings.service_key)  # fmt: skip
+        self.client = ServiceClient(settings, self.fingerprint, self.trust)
         self._stop = threading.Event()
         self.reporter = Reporter(
             self.client,
@@ -83,6 +89,8 @@ class Agent:
             timeout_s=settings.http_timeout_s,
             stop=self._stop,
             auth=_mlflow_login(settings),
+            max_bundle_bytes=settings.max_bundle_bytes,
+            max_bundle_files=settings.max_bundle_files,
         )
         self.updates = Updates(
             settings=settings,
@@ -94,10 +102,12 @@ class Agent:
             telemetry=self.telemetry,
             downloader=self.downloader,
             fingerprint=self.fingerprint,
-            public_key=load_public_key(settings.public_key) if settings.public_key else None,
+            public_key=release_key,
+            trust=self.trust,
             stop=self._stop,
         )
-        self.poller = Poller(self.client, settings)
+        self.poller = Poller(self.client, settings, self.trust)
+        self._stale_reported = False
         self.metrics = agent_registry(
             AgentCollector(self.telemetry, self.runtime, self.reporter.outbox, lambda: self.journal.state.state)
         )
@@ -113,6 +123,8 @@ class Agent:
 
     def start(self) -> Agent:
         """Recover the saved state, serve the last known good version, then poll in the background."""
+        if self.unsigned_note:
+            log.warning("%s", self.unsigned_note)
         self.journal.recover()
         self._serve_last_known_good()
         self.reporter.start()
@@ -121,7 +133,7 @@ class Agent:
         if address is not None:
             from edge_agent.api import LocalApi
 
-            self.api = LocalApi(self, *address).start()
+            self.api = LocalApi(self, *address, self.settings).start()
         return self
 
     def stop(self) -> None:
@@ -168,6 +180,8 @@ class Agent:
             "reports_queued": len(self.reporter.outbox),
             "last_poll": dict(self.poller.last_poll),
             "fingerprint": self.fingerprint.summary(),
+            "release_signatures": self.unsigned_note or "required (release public key configured)",
+            "trust": self.trust.status(),
         }
 
     def _observe(self, inference: Inference) -> None:
@@ -205,11 +219,40 @@ class Agent:
     def _poll_once(self) -> float:
         """Poll once, act on the answer (or resume an unfinished download), and say when to poll next."""
         desired, delay = self.poller.poll()
+        self._report_freshness()
         if desired is not None:
             self.updates.consider(desired)
         elif self.journal.state.state in BEFORE_SWAP:  # a download that failed for a retryable reason: retry
             self.updates.continue_update()
         return delay
+
+    def _report_freshness(self) -> None:
+        """A ``stale`` event once the latest signed desired state has expired, and the state again once a fresh
+        one arrives (the service shows the device's latest event as its state)."""
+        stale = self.trust.stale()
+        if stale and not self._stale_reported:
+            log.error("%s", stale)
+            st = self.journal.state
+            self.journal.emit("stale", st.serving_model, st.serving_version, None, ok=False, reason=stale)
+        elif not stale and self._stale_reported:
+            log.info("a fresh signed desired state arrived: no longer stale")
+            st = self.journal.state
+            self.journal.emit(st.state.value, st.serving_model, st.serving_version, None,
+                              reason="a fresh signed desired state arrived")  # fmt: skip
+        self._stale_reported = stale is not None
+
+
+def _unsigned_note(settings: AgentSettings) -> str:
+    """'' with a release key; else what runs unchecked and why it may, or ``AgentSettingsError`` when it may not."""
+    if settings.public_key is not None:
+        return ""
+    if not (settings.allow_unsigned or settings.dev):
+        raise AgentSettingsError(
+            "no release public key (--public-key): every bundle would install unchecked; give the key the bundles "
+            "are signed with, or --allow-unsigned to run without one"
+        )
+    why = "--dev" if settings.dev else "--allow-unsigned"
+    return f"UNSIGNED ({why}): bundle signatures and revocation lists are not checked; any bundle named to it runs"
 
 
 def _mlflow_login(settings: AgentSettings) -> OriginBasicAuth | None:

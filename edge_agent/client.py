@@ -23,6 +23,7 @@ from edge_agent.errors import (
 )
 from edge_agent.protocol import DesiredState, Enrolled, Report
 from edge_agent.settings import AgentSettings
+from edge_agent.trust import Trust
 from exporters.device_identity import KEY_FILE, DeviceKey, enrollment_body
 from exporters.errors import one_line
 from exporters.files import atomic_write
@@ -36,9 +37,10 @@ TOKEN_FILE = "device-token"
 class ServiceClient:
     """One device's HTTP conversation with the rollout service."""
 
-    def __init__(self, settings: AgentSettings, fingerprint: Fingerprint) -> None:
+    def __init__(self, settings: AgentSettings, fingerprint: Fingerprint, trust: Trust) -> None:
         self._settings = settings
         self._fingerprint = fingerprint
+        self._trust = trust  # pins the key the service signs desired states with, from the enrollment answer
         self._token_path = settings.data_dir / TOKEN_FILE
         self._http = httpx.Client(base_url=settings.server, timeout=settings.http_timeout_s)
         self._token: str | None = None
@@ -83,6 +85,7 @@ class ServiceClient:
             raise EnrollmentPending(
                 f"device {self._settings.device_id} waits for an operator to accept its key: {enrolled.reason}"
             )
+        self._trust.pin(enrolled.state_key)  # before the token is kept: a service whose key differs gets nothing
         atomic_write(self._token_path, enrolled.device_token, mode=0o600)
         self._token = enrolled.device_token
         log.info("device %s enrolled with %s", self._settings.device_id, self._settings.server)
@@ -107,6 +110,9 @@ class ServiceClient:
 
     def _authorized(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         if self._load_token() is None:
+            self.enroll()
+        elif self._trust.pinned is None and not self._adopt_key:
+            # A token from before desired states were signed: enrolling again (same key) names the service's key.
             self.enroll()
         elif self._adopt_key:
             self._adopt_key = False

@@ -4,21 +4,30 @@ Only the files the service lists are fetched (the chosen variant, the CPU fallba
 ``manifest.json`` (its sha256 must be the one the service vouches for) and ``manifest.sig`` when signed. A cut
 download resumes with an HTTP Range request where the server honours it, and starts over where it does not.
 Finished files are kept, so a restart after a kill re-checks them instead of fetching them again.
+
+What the service announces is bounded before anything is fetched (``edge_agent.bounds``: files, bytes, URLs).
+Redirects are followed within the URL's own origin (scheme, host, port) only, at most ``MAX_REDIRECTS`` times: a
+redirect elsewhere refuses the offer (``OfferRefused``), so the service's URLs decide where a device connects,
+never a server on the way. A disk that fills up mid-download (ENOSPC) fails the download with the file's name;
+its partial file is removed (``DiskSpaceError``).
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import shutil
 import threading
 import time
-from collections.abc import Generator
+from collections.abc import Generator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 
-from edge_agent.errors import DiskSpaceError, DownloadFailed, VerificationFailed
+from edge_agent.bounds import DEFAULT_MAX_BUNDLE_BYTES, DEFAULT_MAX_BUNDLE_FILES, check_offer
+from edge_agent.errors import DiskSpaceError, DownloadFailed, OfferRefused, VerificationFailed
 from edge_agent.protocol import DesiredFile, DesiredState
 from exporters.bundle import MANIFEST_NAME, SIGNATURE_NAME, safe_join, sha256_file
 from exporters.errors import UnsafePathError, one_line
@@ -30,6 +39,8 @@ _CHUNK_BYTES = 1 << 16
 _PROGRESS_EVERY_S = 2.0
 _MAX_MANIFEST_BYTES = 16 << 20
 DIGEST_RETRIES = 2  # a file that arrives altered twice is refused, not fetched forever
+MAX_REDIRECTS = 5  # within one origin
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def staged_path(staging: Path, relative: str) -> Path:
@@ -64,6 +75,11 @@ def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
     return url.scheme, url.host, url.port or default
 
 
+def _show_origin(url: httpx.URL) -> str:
+    scheme, host, port = _origin(url)
+    return f"{scheme}://{host}:{port}"
+
+
 class Downloader:
     """Fetches bundles over HTTP with its own client (files come from MLflow or S3, not the rollout service)."""
 
@@ -75,10 +91,15 @@ class Downloader:
         timeout_s: float,
         stop: threading.Event | None = None,
         auth: httpx.Auth | None = None,
+        max_bundle_bytes: int = DEFAULT_MAX_BUNDLE_BYTES,
+        max_bundle_files: int = DEFAULT_MAX_BUNDLE_FILES,
     ) -> None:
         self._attempts = attempts
         self._min_free_bytes = min_free_bytes
-        self._http = httpx.Client(timeout=timeout_s, follow_redirects=True, auth=auth)
+        self._max_bundle_bytes = max_bundle_bytes
+        self._max_bundle_files = max_bundle_files
+        # Redirects are followed by ``_get``, which knows where they may lead.
+        self._http = httpx.Client(timeout=timeout_s, follow_redirects=False, auth=auth)
         self._stop = stop or threading.Event()
 
     def close(self) -> None:
@@ -88,7 +109,17 @@ class Downloader:
         """Stage every file of ``desired`` under ``staging``; raises ``UpdateRejected`` or ``DownloadFailed``."""
         if desired.manifest_url is None or desired.manifest_sha256 is None:
             raise VerificationFailed("the desired state names no manifest or manifest digest")
+        check_offer(desired, max_bundle_bytes=self._max_bundle_bytes, max_bundle_files=self._max_bundle_files)
         targets = [(f, staged_path(staging, f.path)) for f in desired.files]  # refuse before writing anything
+        try:
+            self._fetch_all(desired, staging, targets)
+        except OSError as exc:
+            if exc.errno not in _DISK_FULL:
+                raise
+            raise DiskSpaceError(f"the disk is full ({_errno_name(exc)}) writing into {staging}") from None
+
+    def _fetch_all(self, desired: DesiredState, staging: Path, targets: list[tuple[DesiredFile, Path]]) -> None:
+        assert desired.manifest_url is not None and desired.manifest_sha256 is not None
         staging.mkdir(parents=True, exist_ok=True)
         self._check_space(staging, targets)
         manifest = self._small(desired.manifest_url, "manifest")
@@ -123,16 +154,40 @@ class Downloader:
                 f"but {staging} has {free / 1e6:.1f} MB free"
             )
 
+    @contextmanager
+    def _get(self, url: str, headers: dict[str, str] | None = None) -> Iterator[httpx.Response]:
+        """A streamed GET of ``url`` after at most ``MAX_REDIRECTS`` redirects within its origin; ``OfferRefused``
+        for a redirect to another origin (nothing is requested there)."""
+        origin = _origin(httpx.URL(url))
+        request = self._http.build_request("GET", url, headers=headers)
+        for _ in range(MAX_REDIRECTS + 1):
+            response = self._http.send(request, stream=True)
+            target = response.next_request
+            if target is None:
+                try:
+                    yield response
+                finally:
+                    response.close()
+                return
+            response.close()
+            if _origin(target.url) != origin:
+                raise OfferRefused(
+                    f"{url[:200]} redirected ({response.status_code}) to another origin, "
+                    f"{_show_origin(target.url)}: only redirects within {_show_origin(request.url)} are followed"
+                )
+            request = target
+        raise OfferRefused(f"{url[:200]}: more than {MAX_REDIRECTS} redirects")
+
     def _small(self, url: str, what: str) -> bytes:
         last: Exception | None = None
         for attempt in range(self._attempts):
             try:
-                response = self._http.get(url)
-                if response.status_code < 400 and len(response.content) <= _MAX_MANIFEST_BYTES:
-                    return response.content
-                if response.status_code < 500:
-                    raise DownloadFailed(f"{what} at {url}: HTTP {response.status_code}")
-                last = DownloadFailed(f"{what}: HTTP {response.status_code}")
+                with self._get(url) as response:
+                    if response.status_code < 300:
+                        return _read_at_most(response, _MAX_MANIFEST_BYTES, f"{what} at {url[:200]}")
+                    if response.status_code < 500:
+                        raise DownloadFailed(f"{what} at {url}: HTTP {response.status_code}")
+                    last = DownloadFailed(f"{what}: HTTP {response.status_code}")
             except httpx.HTTPError as exc:
                 last = exc
             self._pause(attempt)
@@ -182,7 +237,7 @@ class Downloader:
             part.unlink(missing_ok=True)
             offset = 0
         headers = {"Range": f"bytes={offset}-"} if offset else {}
-        with self._http.stream("GET", entry.url, headers=headers) as response:
+        with self._get(entry.url, headers) as response:
             if response.status_code == 206 and response.headers.get("content-range", "").startswith(f"bytes {offset}-"):
                 mode = "ab"
                 log.info("%s: resuming at byte %d of %d", entry.path, offset, entry.bytes)
@@ -199,19 +254,29 @@ class Downloader:
     def _copy(self, response: httpx.Response, part: Path, mode: str, offset: int, entry: DesiredFile) -> None:
         written = offset
         reported = time.monotonic()
-        with part.open(mode) as handle:
-            for chunk in response.iter_bytes(_CHUNK_BYTES):
-                if self._stop.is_set():
-                    raise DownloadFailed("the agent is stopping")
-                handle.write(chunk)
-                written += len(chunk)
-                if written > entry.bytes:
-                    break  # more than announced: the digest check will refuse it
-                if time.monotonic() - reported >= _PROGRESS_EVERY_S:
-                    reported = time.monotonic()
-                    log.info(
-                        "%s: %.0f%% (%d of %d bytes)", entry.path, 100 * written / entry.bytes, written, entry.bytes
-                    )
+        try:
+            with part.open(mode) as handle:
+                for chunk in response.iter_bytes(_CHUNK_BYTES):
+                    if self._stop.is_set():
+                        raise DownloadFailed("the agent is stopping")
+                    handle.write(chunk)
+                    written += len(chunk)
+                    if written > entry.bytes:
+                        break  # more than announced: the digest check will refuse it
+                    if time.monotonic() - reported >= _PROGRESS_EVERY_S:
+                        reported = time.monotonic()
+                        log.info("%s: %.0f%% (%d of %d bytes)", entry.path, 100 * written / entry.bytes, written,
+                                 entry.bytes)  # fmt: skip
+        except OSError as exc:
+            if exc.errno not in _DISK_FULL:
+                raise
+            # A full disk does not empty itself: keeping the part for a resume would only keep the disk full.
+            part.unlink(missing_ok=True)
+            free = shutil.disk_usage(part.parent).free
+            raise DiskSpaceError(
+                f"the disk is full ({_errno_name(exc)}) writing {entry.path} into {part.parent} at about byte "
+                f"{written} of {entry.bytes} ({free} bytes free there now); the partial file {part.name} was removed"
+            ) from None
         log.info("%s: %d of %d bytes", entry.path, written, entry.bytes)
 
     def _pause(self, attempt: int) -> None:
@@ -224,3 +289,17 @@ class _Retry(Exception):
 
 def _part(path: Path) -> Path:
     return path.with_name(path.name + ".part")
+
+
+def _errno_name(exc: OSError) -> str:
+    return f"{errno.errorcode.get(exc.errno or 0, exc.errno)}, {exc.strerror}"
+
+
+def _read_at_most(response: httpx.Response, max_bytes: int, what: str) -> bytes:
+    """The body of a streamed ``response``; ``OfferRefused`` as soon as it passes ``max_bytes``."""
+    body = bytearray()
+    for chunk in response.iter_bytes(_CHUNK_BYTES):
+        body += chunk
+        if len(body) > max_bytes:
+            raise OfferRefused(f"{what} is larger than {max_bytes} bytes")
+    return bytes(body)

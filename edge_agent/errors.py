@@ -7,16 +7,24 @@ AgentError
 ├── ServiceAnswerError      the rollout service did not give a usable answer
 │   ├── ServiceUnavailable  unreachable, timed out, 5xx: back off and poll again  (retryable)
 │   ├── EnrollmentPending   enrolled, waiting for an operator to accept this key  (retryable)
-│   └── EnrollmentRefused   wrong enrollment token, retired id, bad proof         (not retryable)
+│   ├── EnrollmentRefused   wrong enrollment token, retired id, bad proof         (not retryable)
+│   └── DesiredStateRefused an answer the agent must not act on: unsigned or not by the pinned key, another
+│                           device's, an older generation, expired; the agent keeps serving and polls again
 ├── UpdateRejected          this version must not run here; report why, keep serving (not retryable)
 │   ├── VerificationFailed  digest, signature, fingerprint or unsafe path
 │   ├── ValidationFailed    load, detection parity, latency budget or memory headroom on this device
 │   ├── ShadowFailed        the candidate disagrees with the serving model on this device's frames
-│   └── ProbationFailed     errors, NaN/inf outputs or latency after the swap
+│   ├── ProbationFailed     errors, NaN/inf outputs or latency after the swap
+│   ├── ReleaseRefused      another product line's bundle, an older release without an operator's order, a
+│   │                       revoked version, failed gates without a recorded force
+│   └── OfferRefused        beyond this agent's bounds: too many files or bytes, a redirect to another origin
 ├── DownloadFailed          a file could not be fetched completely               (retryable)
-│   └── DiskSpaceError      the staging disk would run out                       (retryable once space is freed)
+│   └── DiskSpaceError      the staging disk would run out, or ran out (ENOSPC) mid-download: reported as failed,
+│                           the offer dropped, not remembered as refused         (retryable once space is freed)
 ├── ValidationInterrupted   the agent stopped while validating: validate again   (retryable)
-└── NoModelError            nothing validated to serve yet                       (retryable)
+├── NoModelError            nothing validated to serve yet                       (retryable)
+├── ImageRefused            a /v1/detect image over a local API limit (bytes, pixels) (not retryable)
+└── DetectBusy              every /v1/detect slot is taken: 503 with Retry-After  (retryable)
 """
 
 from __future__ import annotations
@@ -50,6 +58,10 @@ class ServiceUnavailable(ServiceAnswerError):
     retryable = True
 
 
+class DesiredStateRefused(ServiceAnswerError):
+    """The poll's answer is not one the agent may act on (``edge_agent.trust``): it keeps what it serves."""
+
+
 class EnrollmentPending(ServiceAnswerError):
     """The service holds this device's key for an operator to accept; the agent asks again every poll interval."""
 
@@ -80,6 +92,14 @@ class ProbationFailed(UpdateRejected):
     """The version misbehaved after the swap."""
 
 
+class ReleaseRefused(UpdateRejected):
+    """The signed bundle is not one this device may install on the orders it has (``edge_agent.release_checks``)."""
+
+
+class OfferRefused(UpdateRejected):
+    """The offer is beyond this agent's bounds (files, bytes, URLs) or a download left its origin."""
+
+
 class DownloadFailed(AgentError):
     """A file could not be fetched completely; the partial file is kept for a resume."""
 
@@ -87,7 +107,7 @@ class DownloadFailed(AgentError):
 
 
 class DiskSpaceError(DownloadFailed):
-    """The staging disk would run out."""
+    """The staging disk would run out, or ran out during the download (the partial file is removed then)."""
 
 
 class ValidationInterrupted(AgentError):
@@ -98,5 +118,15 @@ class ValidationInterrupted(AgentError):
 
 class NoModelError(AgentError):
     """No validated model is loaded yet."""
+
+    retryable = True
+
+
+class ImageRefused(AgentError):
+    """An image sent to the local API is over one of its limits (body bytes, pixels read from its header)."""
+
+
+class DetectBusy(AgentError):
+    """Every ``/v1/detect`` slot is taken (``max_concurrent_decodes``): answered 503 with Retry-After."""
 
     retryable = True

@@ -1,6 +1,7 @@
 """Polling the rollout service for the desired state: conditional requests (ETag), the poll period the service
 asks for (or the one set here), jitter so that a fleet does not poll in step, and exponential backoff while the
-service does not answer. The serving model is never affected by a failed poll.
+service does not answer. Every answer goes through ``edge_agent.trust`` (signed by the pinned key, this device's,
+fresh) before it is acted on; a refused one is a failed poll. The serving model is never affected by a failed poll.
 """
 
 from __future__ import annotations
@@ -10,11 +11,16 @@ import random
 import time
 from typing import Any
 
+from pydantic import ValidationError
+
+from edge_agent.bounds import check_desired, clamp_poll_interval_s
 from edge_agent.client import ServiceClient
 from edge_agent.errors import EnrollmentPending, EnrollmentRefused, ServiceAnswerError
 from edge_agent.protocol import DesiredState
 from edge_agent.reporting import backoff_s
 from edge_agent.settings import AgentSettings
+from edge_agent.trust import Trust
+from exporters.errors import one_line
 
 log = logging.getLogger(__name__)
 
@@ -25,9 +31,10 @@ DEFAULT_POLL_INTERVAL_S = 30.0  # until the service says otherwise
 class Poller:
     """One poll at a time; ``last_poll`` says how the latest one went (for ``/v1/status``)."""
 
-    def __init__(self, client: ServiceClient, settings: AgentSettings) -> None:
+    def __init__(self, client: ServiceClient, settings: AgentSettings, trust: Trust) -> None:
         self._client = client
         self._settings = settings
+        self._trust = trust
         self._etag: str | None = None
         self._poll_interval_s = DEFAULT_POLL_INTERVAL_S
         self._failures = 0
@@ -36,7 +43,9 @@ class Poller:
     def poll(self) -> tuple[DesiredState | None, float]:
         """The desired state (None when unchanged or unreachable) and the seconds to wait before the next poll."""
         try:
-            desired = self._client.desired(self._etag)
+            desired = self._bounded_desired()
+            if desired is not None:
+                desired = self._trust.accept(desired)  # DesiredStateRefused: a failed poll; what serves stays
         except EnrollmentPending as exc:
             self.last_poll = {"ok": False, "at": time.time(), "error": str(exc)}
             delay = self._jittered(self.interval_s)
@@ -53,8 +62,21 @@ class Poller:
         self.last_poll = {"ok": True, "at": time.time(), "error": None}
         if desired is not None:
             self._etag = desired.etag
-            self._poll_interval_s = float(desired.poll_interval_s)
+            s = self._settings
+            self._poll_interval_s = clamp_poll_interval_s(desired.poll_interval_s, s.min_poll_interval_s,
+                                                          s.max_poll_interval_s)  # fmt: skip
         return desired, self._jittered(self.interval_s)
+
+    def _bounded_desired(self) -> DesiredState | None:
+        """``client.desired``, with an answer beyond the agent's bounds (``edge_agent.bounds``, the protocol's
+        fields) as a ``ServiceAnswerError``: a failed poll, not an update."""
+        try:
+            desired = self._client.desired(self._etag)
+        except ValidationError as exc:
+            raise ServiceAnswerError(f"the service's answer is out of bounds: {one_line(exc)}") from None
+        if desired is not None:
+            check_desired(desired)
+        return desired
 
     @property
     def interval_s(self) -> float:

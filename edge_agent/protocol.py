@@ -12,6 +12,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from exporters.signed_documents import SignedDocument
+
 
 class _Answer(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -22,18 +24,20 @@ class _Sent(BaseModel):
 
 
 class Enrolled(_Answer):
-    device_id: str
-    status: str = "accepted"  # accepted | pending
-    device_token: str | None
+    # Bounded: an answer beyond these is refused whole (``edge_agent.bounds`` has the bounds that are not fields).
+    device_id: str = Field(max_length=128)
+    status: str = Field(default="accepted", max_length=32)  # accepted | pending
+    device_token: str | None = Field(max_length=4096)
     poll_interval_s: int
-    reason: str = ""
+    reason: str = Field(default="", max_length=2000)
+    state_key: str | None = Field(default=None, max_length=64)  # the key the service signs desired states with
 
 
 class DesiredFile(_Answer):
-    path: str
-    url: str
+    path: str = Field(min_length=1, max_length=1024)
+    url: str = Field(max_length=8192, pattern=r"^https?://")  # presigned S3 URLs run to a few KB
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    bytes: int = Field(ge=0)
+    bytes: int = Field(ge=0, le=1 << 50)  # the real bound is the max_bundle_bytes setting (edge_agent.bounds)
 
 
 class ShadowConfig(_Answer):
@@ -65,6 +69,12 @@ class DesiredState(_Answer):
     etag: str = ""
     poll_interval_s: int = 30
     shadow: ShadowConfig | None = None  # None: the defaults (``ShadowConfig()``)
+    # What the service signed (``exporters.desired_statement``); ``edge_agent.trust`` checks it and takes the fields
+    # above that it covers from it, and sets the two orders below from it alone.
+    statement: SignedDocument | None = None
+    revocations: SignedDocument | None = None  # the latest revocation list, signed with the release key
+    downgrade: bool = False  # an operator ordered this version even where it is an older release than the one here
+    force_gates: bool = False  # an operator rolled this version out although its gates failed
 
     @property
     def shadow_config(self) -> ShadowConfig:

@@ -21,6 +21,7 @@ import torch
 
 from edge_agent.errors import ModelOutputError, NoModelError
 from edge_agent.frames import FrameRing
+from edge_agent.image_limits import check_pixels
 from exporters.bundle import Manifest, safe_join
 from exporters.gates import first_tensor
 from exporters.postprocess import Detections, decode
@@ -155,8 +156,11 @@ def load_model(directory: Path, manifest: Manifest, variant: str, *, model: str,
 class InferenceRuntime:
     """Serves detections from the current model; swaps, keeps a standby during probation, falls back to CPU."""
 
-    def __init__(self, observer: Observer | None = None, frames: FrameRing | None = None) -> None:
+    def __init__(
+        self, observer: Observer | None = None, frames: FrameRing | None = None, *, max_image_pixels: int | None = None
+    ) -> None:
         self.frames = frames  # sampled request images for shadow validation; None: none kept
+        self.max_image_pixels = max_image_pixels  # encoded images over this are refused before decoding
         self._serving: LoadedModel | None = None
         self._standby: LoadedModel | None = None
         self._observer = observer or (lambda _inference: None)
@@ -189,8 +193,11 @@ class InferenceRuntime:
             self._serving, self._standby = None, None
 
     def detect_bytes(self, data: bytes) -> DetectResult:
-        """Detections for an encoded image; ``ValueError`` when the bytes are not an image. The bytes may be kept
-        in the frame ring (``self.frames``) for shadow validation."""
+        """Detections for an encoded image; ``ValueError`` when the bytes are not an image, ``ImageRefused`` when
+        its header declares more than ``max_image_pixels`` (checked before decoding). The bytes may be kept in the
+        frame ring (``self.frames``) for shadow validation."""
+        if self.max_image_pixels is not None:
+            check_pixels(data, self.max_image_pixels)
         return self.detect(decode_image_bytes(data), encoded=data)
 
     def detect(self, image_bgr: np.ndarray, *, encoded: bytes | None = None) -> DetectResult:

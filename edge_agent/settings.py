@@ -16,12 +16,14 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from edge_agent.bounds import DEFAULT_MAX_BUNDLE_BYTES, DEFAULT_MAX_BUNDLE_FILES
 from edge_agent.errors import AgentSettingsError
 from yolo_ota.config import CONFIG_FILE_ENV as SHARED_CONFIG_FILE_ENV
 from yolo_ota.config import LayeredSettings, build, read_config
 
 CONFIG_FILE_ENV = "YOLO_OTA_AGENT_CONFIG"
 _DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+MIN_API_TOKEN_CHARS = 16
 
 
 class AgentSettings(LayeredSettings):
@@ -37,7 +39,13 @@ class AgentSettings(LayeredSettings):
     data_dir: Path
     enrollment_token: str | None = None  # only needed to enroll a new id
     enrollment_token_file: Path | None = None  # the same, read from a file (neither a flag nor `ps` shows it)
-    public_key: Path | None = None  # with a key, unsigned or badly signed bundles are refused
+    public_key: Path | None = None  # the release key: unsigned or badly signed bundles and revocation lists refused
+    # Without a release key the agent refuses to start, unless it is told it may (and then says so at every start
+    # and in /v1/status): allow_unsigned, or dev (trials on one machine).
+    allow_unsigned: bool = False
+    dev: bool = False
+    # The key the service signs desired states with (base64 of its 32 bytes); default: pinned at first enrollment.
+    service_key: str | None = Field(default=None, max_length=64)
     # MLflow's login, for bundle files fetched through its artifact proxy: sent to mlflow_url's origin only.
     mlflow_url: str | None = None
     mlflow_username: str | None = None
@@ -73,12 +81,25 @@ class AgentSettings(LayeredSettings):
     # agent while it sits in a state) and demos. Empty in production.
     pause_on_enter: dict[str, float] = Field(default_factory=dict)
 
+    # The local API (edge_agent.api, edge_agent.image_limits): an optional bearer token and the limits of /v1/detect.
+    api_token: str | None = None  # when set, every route but /healthz needs "Authorization: Bearer <token>"
+    api_token_file: Path | None = None  # the same, read from a file
+    max_image_bytes: int = Field(default=32 << 20, ge=1)  # a larger body is refused (413) before it is read
+    max_image_pixels: int = Field(default=36_000_000, ge=1)  # width x height from the header, before decoding (413)
+    max_concurrent_decodes: int = Field(default=4, ge=1)  # /v1/detect requests reading, decoding, detecting at once
+    decode_wait_s: float = Field(default=1.0, ge=0)  # wait for a free slot, then 503 with Retry-After
+    # Bounds on what the service sends (edge_agent.bounds).
+    min_poll_interval_s: float = Field(default=1.0, gt=0)  # the service's poll period is clamped to these two
+    max_poll_interval_s: float = Field(default=3600.0, gt=0)
+    max_bundle_bytes: int = Field(default=DEFAULT_MAX_BUNDLE_BYTES, ge=1)  # an offer's files together; refused above
+    max_bundle_files: int = Field(default=DEFAULT_MAX_BUNDLE_FILES, ge=1)
+
     @model_validator(mode="before")
     @classmethod
     def _secrets_from_files(cls, values: Any) -> Any:
         if not isinstance(values, dict):
             return values
-        for name in ("enrollment_token", "mlflow_password"):
+        for name in ("enrollment_token", "mlflow_password", "api_token"):
             if values.get(f"{name}_file") and not values.get(name):
                 path = Path(values[f"{name}_file"])
                 try:
@@ -94,6 +115,19 @@ class AgentSettings(LayeredSettings):
         if self.mlflow_username and not self.mlflow_url:
             raise ValueError("mlflow_url is needed with mlflow_username: the only origin the login is sent to")
         return self
+
+    @model_validator(mode="after")
+    def _poll_bounds(self) -> AgentSettings:
+        if self.min_poll_interval_s > self.max_poll_interval_s:
+            raise ValueError("min_poll_interval_s is above max_poll_interval_s")
+        return self
+
+    @field_validator("api_token")
+    @classmethod
+    def _api_token(cls, value: str | None) -> str | None:
+        if value is not None and len(value) < MIN_API_TOKEN_CHARS:
+            raise ValueError(f"at least {MIN_API_TOKEN_CHARS} characters (e.g. `openssl rand -base64 32`)")
+        return value
 
     @field_validator("server", "mlflow_url")
     @classmethod

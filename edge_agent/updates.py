@@ -15,11 +15,12 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edge_agent.download import Downloader
-from edge_agent.errors import AgentError, ProbationFailed, ShadowFailed, UpdateRejected
+from edge_agent.errors import AgentError, DiskSpaceError, ProbationFailed, ShadowFailed, UpdateRejected
 from edge_agent.journal import Journal
 from edge_agent.loading import ModelLoader
 from edge_agent.probation import Probation
 from edge_agent.protocol import DesiredState, ShadowReport
+from edge_agent.release_checks import check_release
 from edge_agent.rollback import Rollback
 from edge_agent.runtime import InferenceRuntime
 from edge_agent.settings import AgentSettings
@@ -28,6 +29,7 @@ from edge_agent.shadow_run import shadow_validate
 from edge_agent.state import BEFORE_SWAP, RESTING, STEP_HANDLERS, Event, State
 from edge_agent.store import Installed, VersionStore
 from edge_agent.telemetry import Telemetry
+from edge_agent.trust import Trust
 from edge_agent.validation import validate
 from edge_agent.verify import check_fingerprint, variant_to_load, verify_staged
 from exporters.bundle import read_manifest
@@ -46,7 +48,7 @@ class Updates:
     def __init__(
         self, *, settings: AgentSettings, journal: Journal, store: VersionStore, runtime: InferenceRuntime,
         loader: ModelLoader, probation: Probation, telemetry: Telemetry, downloader: Downloader,
-        fingerprint: Fingerprint, public_key: Ed25519PublicKey | None, stop: threading.Event,
+        fingerprint: Fingerprint, public_key: Ed25519PublicKey | None, trust: Trust, stop: threading.Event,
     ) -> None:  # fmt: skip
         self.settings = settings
         self.journal = journal
@@ -57,6 +59,7 @@ class Updates:
         self.downloader = downloader
         self.fingerprint = fingerprint
         self.public_key = public_key
+        self.trust = trust
         self._loader = loader
         self._stop = stop
         self.rollback = Rollback(journal, runtime, loader, backoff_max_s=settings.backoff_max_s, stop=stop)
@@ -137,6 +140,8 @@ class Updates:
                 self.step(self.journal.state.state)(offer)
             except UpdateRejected as exc:
                 self.refuse(exc)
+            except DiskSpaceError as exc:
+                self.give_up(exc)
             except AgentError as exc:
                 log.warning("%s v%s: %s (will try again)", st.target_model, st.target_version, exc)
                 return
@@ -161,6 +166,12 @@ class Updates:
         st = self.journal.state
         assert offer is not None and st.target_model is not None and st.target_version is not None
         manifest = verify_staged(self.store.staging(st.target_model, st.target_version), offer, self.public_key)
+        serving = self.runtime.serving
+        revoked = self.trust.revoked(offer.model or "", offer.manifest_sha256 or "")
+        check_release(
+            manifest, offer, serving=read_manifest(serving.directory) if serving is not None else None,
+            revoked_reason=revoked.reason if revoked is not None else None,
+        )  # fmt: skip
         variant, _ = variant_to_load(manifest, {f.path for f in offer.files}, offer.variant, self.settings.device)
         check_fingerprint(manifest, self.fingerprint, variant)
         self.journal.advance(Event.done)
@@ -284,6 +295,18 @@ class Updates:
         st = self.journal.state
         self.store.prune(self.settings.keep_versions, {(st.serving_model or "", st.serving_version or "")})
         self.journal.transition(Event.settled)
+
+    def give_up(self, exc: DiskSpaceError) -> None:
+        """Drop an offer that this device's disk cannot hold: report it failed (the rollout counts the device instead
+        of waiting on it) and serve on, but do not remember it as refused, so that offered again once space is
+        freed (a restart, a new rollout) it is tried again. Only before the swap: nothing runs the new version."""
+        st = self.journal.state
+        reason = f"{st.state.value}: {exc}"
+        log.warning("giving up %s v%s: %s", st.target_model, st.target_version, reason)
+        self.journal.emit("failed", st.target_model, st.target_version, st.target_rollout_id, ok=False,
+                          reason=reason)  # fmt: skip
+        self.store.discard_staging(st.target_model or "", st.target_version or "")
+        self.journal.transition(Event.failed, reason=reason)
 
     def refuse(self, exc: UpdateRejected) -> None:
         """Record why the offer cannot run here; before the swap drop it, after the swap go to rolling_back."""

@@ -25,7 +25,8 @@ from exporters.files import atomic_write
 from exporters.fingerprint import Fingerprint
 from exporters.gate_report import GateThresholds, VariantGates
 
-SCHEMA_VERSION = 1
+# 2: ``release``, the number that binds a bundle's place in its product line's history (signed with it)
+SCHEMA_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 SIGNATURE_NAME = "manifest.sig"
 GOLDEN_NAME = "golden.npz"
@@ -89,7 +90,10 @@ class Manifest(_Strict):
     """``manifest.json``: everything a registry, a rollout service or a device needs to know about a bundle."""
 
     schema_version: int = SCHEMA_VERSION
-    name: str
+    name: str  # the product line (the registered model) this bundle is for: registering it under another is refused
+    # Grows with every export of a product line (default: the export's UTC time as YYYYMMDDHHMMSS). A device refuses
+    # a lower release than the one it runs unless an operator ordered the downgrade. None: schema 1, before releases.
+    release: int | None = Field(default=None, ge=1)
     task: Literal["detect"]
     imgsz: tuple[int, int]
     stride: int

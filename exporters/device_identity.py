@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import os
 import secrets
 import time
 from dataclasses import dataclass
@@ -28,6 +27,9 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from exporters.errors import KeyFileError
+from exporters.signing import load_or_create_private_key
 
 KEY_FILE = "device-key.pem"
 MAX_AGE_S = 300
@@ -56,25 +58,10 @@ class DeviceKey:
     @classmethod
     def load_or_create(cls, data_dir: Path) -> DeviceKey:
         """The key in ``data_dir/device-key.pem``, made (mode 0600, written whole or not at all) if absent."""
-        path = data_dir / KEY_FILE
-        if path.is_file():
-            key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-            if not isinstance(key, Ed25519PrivateKey):
-                raise IdentityError(f"{path} is not an ed25519 private key")
-            return cls(key)
-        data_dir.mkdir(parents=True, exist_ok=True)
-        made = cls.generate()
-        pem = made.private.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-        partial = path.with_name(path.name + ".partial")
-        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(pem)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(partial, path)
-        return made
+        try:
+            return cls(load_or_create_private_key(data_dir / KEY_FILE))
+        except KeyFileError as exc:
+            raise IdentityError(str(exc)) from None
 
     @property
     def public_key(self) -> str:

@@ -4,7 +4,7 @@ Edge devices re-run the gates before they swap a bundle in, and watch it once it
 ``yolo-ota demo``) and to test that they refuse or roll back a bad one, one needs bundles that are internally
 consistent (every digest matches, so ``load_verified`` passes) yet wrong in one chosen way: a model that drifts,
 turns to NaN or raises after a number of calls, a slower model, a tighter latency budget, a newer exporting
-torch, a missing or foreign signature. Nothing here is used on the normal export path.
+torch, a missing or foreign signature, another product line, an older release. Nothing here is used on the normal export path.
 
 ``manifest.gates`` and ``gates_passed`` are never touched: the point is a bundle that *passed* at export. Every
 function rewrites ``manifest.json`` through ``exporters.bundle.write_manifest`` so its bytes stay canonical (what
@@ -36,6 +36,8 @@ __all__ = [
     "replace_variant",
     "set_export_torch",
     "set_latency_budget",
+    "set_product_line",
+    "set_release",
     "shifted",
     "sign",
     "slowed",
@@ -225,6 +227,22 @@ def set_latency_budget(bundle_dir: Path, budget_ms: float | None) -> None:
     manifest = read_manifest(bundle_dir)
     _drop_signature(bundle_dir)
     write_manifest(bundle_dir, manifest.model_copy(update={"latency_budget_ms": budget_ms}))
+
+
+def set_product_line(bundle_dir: Path, name: str) -> None:
+    """Rewrite the product line the bundle is for (``manifest.name``: registering it is allowed under that name
+    only, and devices refuse it as another line's bundle); drops the signature."""
+    manifest = read_manifest(bundle_dir)
+    _drop_signature(bundle_dir)
+    write_manifest(bundle_dir, manifest.model_copy(update={"name": name}))
+
+
+def set_release(bundle_dir: Path, release: int | None) -> None:
+    """Rewrite the bundle's release number (an older one is a downgrade on a device running a newer); drops the
+    signature."""
+    manifest = read_manifest(bundle_dir)
+    _drop_signature(bundle_dir)
+    write_manifest(bundle_dir, manifest.model_copy(update={"release": release}))
 
 
 def set_export_torch(bundle_dir: Path, torch_version: str) -> None:

@@ -13,6 +13,7 @@ Callers catch by kind; every error says whether trying again can help (``retryab
     │   ├── ManifestError        manifest.json missing or not valid
     │   └── SignatureError       manifest.sig missing where required, malformed, or not matching the key
     ├── KeyFileError             a key file missing, unreadable, of the wrong kind, or about to be overwritten
+    ├── SignedDocumentError      a signed desired state or revocation list that is malformed or does not verify
     └── DeviceError              the asked-for device is not usable here (e.g. --device cuda without CUDA)
 """
 
@@ -65,6 +66,10 @@ class SignatureError(BundleError):
 
 class KeyFileError(ExportError):
     """A signing or public key file cannot be used."""
+
+
+class SignedDocumentError(ExportError):
+    """A signed document (desired state, revocation list) is malformed, or its signature does not verify."""
 
 
 class DeviceError(ExportError):

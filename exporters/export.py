@@ -54,7 +54,8 @@ class ExportRequest:
     variants: tuple[str, ...] = VARIANT_NAMES
     batch: int = 1
     latency_budget_ms: float | None = None
-    name: str | None = None
+    name: str | None = None  # the product line; default: the model file's stem
+    release: int | None = None  # default: the export's UTC time as YYYYMMDDHHMMSS (``default_release``)
     force: bool = False
     golden_images: tuple[Path, ...] = ()
     noise_inputs: int = 2
@@ -149,6 +150,12 @@ def build_golden(
         detections=tuple(detections),
         outputs_cuda=outputs_cuda,
     )
+
+
+def default_release(at: datetime) -> int:
+    """The release number of an export made at ``at`` when none is given: its UTC time as YYYYMMDDHHMMSS, which
+    grows with every later export and reads as a date."""
+    return int(at.astimezone(UTC).strftime("%Y%m%d%H%M%S"))
 
 
 def _variant_record(name: str, batch: int) -> Variant:
@@ -297,16 +304,18 @@ def _manifest(
 ) -> Manifest:
     spec_in, spec_out = _tensor_specs(detector, request, anchors=int(golden.outputs.shape[-1]))
     noise_count = request.noise_inputs
+    created = datetime.now(UTC)
     return Manifest.model_validate(
         {
             "name": request.name or Path(request.model).stem,
+            "release": request.release or default_release(created),
             "task": "detect",
             "imgsz": request.imgsz,
             "stride": detector.stride,
             "names": detector.names,
             "input": spec_in,
             "output": spec_out,
-            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "created_at": created.isoformat(timespec="seconds"),
             "source": Source(
                 model=Path(request.model).name,
                 kind=detector.kind,

@@ -111,6 +111,8 @@ def manifest_table(manifest: Manifest) -> Table:
     fp = manifest.fingerprint
     rows = [
         ("schema", str(manifest.schema_version)),
+        ("product line", manifest.name),
+        ("release", str(manifest.release) if manifest.release is not None else "- (schema 1: not numbered)"),
         ("task", manifest.task),
         (
             "input",

@@ -55,6 +55,29 @@ def generate_keypair(directory: Path, *, overwrite: bool = False) -> tuple[Path,
     return private_path, public_path
 
 
+def load_or_create_private_key(path: Path) -> Ed25519PrivateKey:
+    """The ed25519 key in ``path`` (PEM), made if absent: mode 0600, written whole or not at all (a key that two
+    processes make at once ends as one of the two, never as a mix)."""
+    if path.is_file():
+        return load_private_key(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = Ed25519PrivateKey.generate()
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(pem)
+        handle.flush()
+        os.fsync(handle.fileno())
+    try:
+        os.link(partial, path)  # fails if another process made the key meanwhile: then that one is the key
+    except FileExistsError:
+        pass
+    finally:
+        partial.unlink(missing_ok=True)
+    return load_private_key(path)
+
+
 def load_private_key(path: Path) -> Ed25519PrivateKey:
     """Read a PEM ed25519 private key; ``KeyFileError`` when missing or of another kind."""
     try:

@@ -4,6 +4,7 @@ RegistryError                 base of everything this package raises
 ├── RegistryUnavailableError  the MLflow server did not answer (retryable)
 ├── RegistryNotFoundError     no such registered model, version or alias
 ├── DuplicateBundleError      the same manifest is already registered (names the version holding it)
+├── ProductLineMismatchError  a bundle exported for one product line, registered or found under another
 ├── PromotionRefusedError     the version's gates did not pass and --force was not given
 ├── RegistryRequestError      MLflow refused the request for another reason
 └── ManifestMismatchError     a version's manifest.json differs from its digest tag, or is invalid or unsafe
@@ -34,6 +35,10 @@ class DuplicateBundleError(RegistryError):
     def __init__(self, message: str, version: str) -> None:
         super().__init__(message)
         self.version = version
+
+
+class ProductLineMismatchError(RegistryError):
+    """A bundle's signed product line (its manifest's ``name``) is not the registered model it is put under."""
 
 
 class PromotionRefusedError(RegistryError):

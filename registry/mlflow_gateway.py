@@ -25,6 +25,7 @@ from exporters.report import gate_markdown
 from registry import tags as ota
 from registry.errors import (
     DuplicateBundleError,
+    ProductLineMismatchError,
     PromotionRefusedError,
     RegistryError,
     RegistryNotFoundError,
@@ -217,6 +218,11 @@ class MlflowGateway:
         ``model`` (``DuplicateBundleError``, naming the version).
         """
         manifest = load_verified(bundle_dir)
+        if manifest.name != model:
+            raise ProductLineMismatchError(
+                f"{bundle_dir} was exported for product line {manifest.name!r} (signed into its manifest); it can be "
+                f"registered as {manifest.name!r} only, not {model!r} (export it again with --name {model})"
+            )
         manifest_bytes = (bundle_dir / MANIFEST_NAME).read_bytes()
         digest = ota.manifest_digest(manifest_bytes)
         signed = (bundle_dir / SIGNATURE_NAME).is_file()

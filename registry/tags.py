@@ -17,6 +17,7 @@ SIGNED_TAG = "ota.signed"
 VARIANTS_TAG = "ota.variants"
 GATES_TAG = "ota.gates"
 FORCED_TAG = "ota.forced"
+RELEASE_TAG = "ota.release"
 MAX_TAG_VALUE_CHARS = 5000  # MLflow's limit for a model version tag value
 
 
@@ -33,6 +34,7 @@ def version_tags(manifest: Manifest, manifest_bytes: bytes, *, signed: bool) -> 
     """Every ``ota.*`` tag of a model version holding this bundle."""
     tags = {
         SCHEMA_TAG: str(manifest.schema_version),
+        RELEASE_TAG: "" if manifest.release is None else str(manifest.release),
         FORMAT_TAG: "torchscript",
         MANIFEST_DIGEST_TAG: manifest_digest(manifest_bytes),
         SIGNED_TAG: "true" if signed else "false",

@@ -27,6 +27,8 @@ from exporters.drills import (
     replace_variant,
     set_export_torch,
     set_latency_budget,
+    set_product_line,
+    set_release,
     shifted,
     sign,
     unsign,
@@ -50,9 +52,29 @@ class AgentVersions:
 
 def _variant(source: Path, target: Path, budget_ms: float, key: Path | None) -> Path:
     shutil.copytree(source, target)
+    set_product_line(target, AGENT_MODEL)  # what it may be registered as
     set_latency_budget(target, budget_ms)  # a distinct manifest per version: the registry refuses duplicates
     if key is not None:
         sign(target, key)
+    return target
+
+
+def _failed_at_export(trained_detector: Path, trained_bundle: Path, target: Path, key: Path) -> Path:
+    """The trained detector exported with a latency budget no machine meets (its gates fail, recorded in the
+    manifest), then given a budget devices meet: an export machine slower than the line."""
+    from exporters.export import ExportRequest, export_bundle
+
+    manifest = read_manifest(trained_bundle)
+    result = export_bundle(
+        ExportRequest(
+            model=str(trained_detector), out_dir=target, imgsz=manifest.imgsz, variants=("cpu-fp32",),
+            name=AGENT_MODEL, release=manifest.release, latency_budget_ms=0.001,
+        )
+    )  # fmt: skip
+    assert not result.passed
+    set_latency_budget(target, 35_000)
+    _few_latency_runs(target)
+    sign(target, key)
     return target
 
 
@@ -64,13 +86,15 @@ def _few_latency_runs(bundle: Path) -> None:
 
 @pytest.fixture(scope="session")
 def agent_versions(
-    trained_bundle: Path, mlflow_server: RunningServer, tmp_path_factory: pytest.TempPathFactory
+    trained_detector: Path, trained_bundle: Path, mlflow_server: RunningServer, tmp_path_factory: pytest.TempPathFactory
 ) -> AgentVersions:
     """Model ``agent-line``: versions made from the trained detector; all passed their gates at export.
 
-    good1, good2: fine. shifted: boxes moved (fails detection parity on the device). slow: a budget no device
-    meets. nan: NaN outputs after a few calls (passes validation, fails probation). unsigned, badsig (signed by
-    another key), newer_torch (exported with torch 99.0).
+    good1, good2, good3: fine. shifted: boxes moved (fails detection parity on the device). slow: a budget no
+    device meets. nan: NaN outputs after a few calls (passes validation, fails probation). unsigned, badsig (signed
+    by another key), newer_torch (exported with torch 99.0). older: good1 as a release before it (a downgrade for
+    a device that runs good1). failed_gates: its latency gate failed at export (an export machine slower than the
+    devices), with a budget the devices meet: it runs on a device only on an operator's recorded force.
     """
     from registry.mlflow_gateway import MlflowGateway
 
@@ -80,6 +104,12 @@ def agent_versions(
     built: dict[str, Path] = {}
     built["good1"] = _variant(trained_bundle, root / "good1", 10_000, private_key)
     built["good2"] = _variant(trained_bundle, root / "good2", 20_000, private_key)
+    built["good3"] = _variant(trained_bundle, root / "good3", 25_000, private_key)
+    older = _variant(trained_bundle, root / "older", 15_000, None)
+    set_release(older, (read_manifest(older).release or 2) - 1)
+    sign(older, private_key)
+    built["older"] = older
+    built["failed_gates"] = _failed_at_export(trained_detector, trained_bundle, root / "failed_gates", private_key)
     shifted_dir = _variant(trained_bundle, root / "shifted", 10_000, None)
     replace_variant(shifted_dir, shifted(load_variant(shifted_dir), 24.0))
     sign(shifted_dir, private_key)
@@ -141,6 +171,7 @@ def agent_stack(
             "WATCH_MODELS": AGENT_MODEL,
             "ALIAS_POLL_INTERVAL_S": "3600",
             "POLL_INTERVAL_S": "1",
+            "RELEASE_PUBLIC_KEY": str(agent_versions.public_key),  # revocation lists must verify under it
         },
     )
     service_proxy = FaultProxy(service.url).start()

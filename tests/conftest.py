@@ -93,6 +93,25 @@ def trained_bundle(trained_detector: Path, scene_images: list[Path], tmp_path_fa
     return out
 
 
+@pytest.fixture(scope="session")
+def line_bundle(trained_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """The trained bundle as exported for product line ``name`` (a copy whose manifest names that line, which is
+    what it may be registered as), made once per name (read-only use)."""
+    from exporters.drills import set_product_line
+
+    made: dict[str, Path] = {}
+
+    def for_line(name: str) -> Path:
+        if name not in made:
+            target = tmp_path_factory.mktemp("lines") / "bundle"
+            shutil.copytree(trained_bundle, target)
+            set_product_line(target, name)
+            made[name] = target
+        return made[name]
+
+    return for_line
+
+
 @pytest.fixture
 def bundle_copy(trained_bundle: Path, tmp_path: Path) -> Path:
     """A private copy of the trained bundle that a test may alter."""
@@ -143,7 +162,8 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
 
 @pytest.fixture(scope="session")
 def fleet_model(mlflow_server: RunningServer, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """Registered model ``pcb-line`` in the session's MLflow: versions 1 and 2 pass their gates, 3 fails them.
+    """Registered model ``pcb-line`` in the session's MLflow: versions 1 and 2 pass their gates, 3 fails them, 4
+    passes them; each a newer release than the one before.
 
     Small random-weight YOLOv8n bundles at 64 px (cpu-fp32): what the rollout service reads of them is the same.
     """
@@ -152,7 +172,8 @@ def fleet_model(mlflow_server: RunningServer, tmp_path_factory: pytest.TempPathF
 
     gateway = MlflowGateway(mlflow_server.url)
     versions: dict[str, str] = {"model": "pcb-line"}
-    for key, budget_ms in (("good", None), ("better", None), ("failed", 0.001)):
+    exports = (("good", None), ("better", None), ("failed", 0.001), ("newest", None))
+    for release, (key, budget_ms) in enumerate(exports, start=1):
         out = tmp_path_factory.mktemp("fleet") / key
         result = export_bundle(
             ExportRequest(
@@ -160,7 +181,8 @@ def fleet_model(mlflow_server: RunningServer, tmp_path_factory: pytest.TempPathF
                 out_dir=out,
                 imgsz=(64, 64),
                 variants=("cpu-fp32",),
-                name=f"pcb-line-{key}",
+                name="pcb-line",
+                release=release,
                 latency_budget_ms=budget_ms,
             )
         )

@@ -2,9 +2,9 @@
 
 Tests put a :class:`FaultProxy` between a client (an edge agent) and an upstream HTTP server (MLflow, the rollout
 service) to check how the client copes with a download cut midway, a corrupted body, a 503, a rewritten answer,
-or an upstream that is down. Faults are :class:`Rule` objects added to the proxy; requests no rule applies to are
-proxied unchanged. The proxy can also serve byte ranges itself (``ranges=True``), so resumable downloads can be
-tested against an upstream that does not honour ``Range``.
+a redirect, a transfer that stalls midway, or an upstream that is down. Faults are :class:`Rule` objects added to
+the proxy; requests no rule applies to are proxied unchanged. The proxy can also serve byte ranges itself
+(``ranges=True``), so resumable downloads can be tested against an upstream that does not honour ``Range``.
 
 Standard library only. Every answer carries ``Connection: close`` and an exact ``Content-Length``: the upstream
 body is always read in full before the proxy answers.
@@ -26,7 +26,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any, Literal, cast
 
-__all__ = ["Corrupt", "Cut", "FaultProxy", "Rewrite", "Rule", "Seen", "Status", "rewrite_json"]
+__all__ = ["Corrupt", "Cut", "FaultProxy", "Redirect", "Rewrite", "Rule", "Seen", "Stall", "Status", "rewrite_json"]
 
 UPSTREAM_TIMEOUT_S = 60.0
 
@@ -109,6 +109,36 @@ class Status(Rule):
     times: int | None = None
     method: str | None = None
     body: bytes = b"injected fault"
+
+
+@dataclass(eq=False)
+class Redirect(Rule):
+    """Answer ``status`` with ``Location: <to><the request's path>`` without contacting upstream."""
+
+    to: str
+    _: KW_ONLY
+    status: int = 302
+    times: int | None = None
+    method: str | None = "GET"
+
+
+@dataclass(eq=False)
+class Stall(Rule):
+    """Send ``after_bytes`` of the body, then nothing until :meth:`release` (or ``pause_s``), then the rest.
+
+    ``stalled`` is set once the first bytes are out and the transfer waits: a test can then act mid-download.
+    """
+
+    after_bytes: int
+    _: KW_ONLY
+    pause_s: float = 30.0
+    times: int | None = 1
+    method: str | None = "GET"
+    stalled: threading.Event = field(default_factory=threading.Event, init=False, repr=False)
+    _released: threading.Event = field(default_factory=threading.Event, init=False, repr=False)
+
+    def release(self) -> None:
+        self._released.set()
 
 
 @dataclass(eq=False)
@@ -214,6 +244,9 @@ class _Handler(BaseHTTPRequestHandler):
             headers = [("Retry-After", "1")] if rule.status == 503 else []
             self._send(seen, _Answer(rule.status, headers, rule.body, None))
             return
+        if isinstance(rule, Redirect):
+            self._send(seen, _Answer(rule.status, [("Location", rule.to.rstrip("/") + self.path)], b"", None))
+            return
 
         try:
             answer = self._fetch(method, body)
@@ -231,7 +264,7 @@ class _Handler(BaseHTTPRequestHandler):
                 # Callers rewrite JSON that carries its own ETag, so ETag stays; a body digest would now be wrong.
                 answer.headers = [(k, v) for k, v in answer.headers if k.lower() != "content-md5"]
         answer = self._apply_range(method, answer)
-        self._send(seen, answer, cut=rule if isinstance(rule, Cut) else None)
+        self._send(seen, answer, cut=rule if isinstance(rule, Cut | Stall) else None)
 
     def _read_body(self) -> bytes | None:
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
@@ -308,7 +341,7 @@ class _Handler(BaseHTTPRequestHandler):
             return _Answer(206, headers, b"", last - first + 1)
         return _Answer(206, headers, answer.body[first : last + 1], None)
 
-    def _send(self, seen: Seen, answer: _Answer, cut: Cut | None = None) -> None:
+    def _send(self, seen: Seen, answer: _Answer, cut: Cut | Stall | None = None) -> None:
         head = self.command.upper() == "HEAD"
         no_body = head or answer.status in _NO_BODY_STATUSES or answer.status < 200
         body = b"" if no_body else answer.body
@@ -325,6 +358,13 @@ class _Handler(BaseHTTPRequestHandler):
         if cut is None:
             if body:
                 self.wfile.write(body)
+            return
+        if isinstance(cut, Stall):
+            self.wfile.write(body[: cut.after_bytes])
+            self.wfile.flush()
+            cut.stalled.set()
+            cut._released.wait(cut.pause_s)
+            self.wfile.write(body[cut.after_bytes :])
             return
         keep = cut.after_bytes if cut.after_bytes < len(body) else len(body) // 2
         if keep:
@@ -421,7 +461,8 @@ class FaultProxy:
             self.seen.append(seen)
 
     def _pick(self, method: str, path: str) -> Rule | None:
-        """The first rule that applies; Status and Cut are used up here, since they apply whatever upstream says.
+        """The first rule that applies; Status, Cut, Redirect and Stall are used up here, since they apply whatever
+        upstream says.
 
         Corrupt and Rewrite are used up only once upstream's answer turns out to be one they change (a 200), so a
         ``times=1`` Rewrite is not spent on a 304.
@@ -429,7 +470,7 @@ class FaultProxy:
         with self._lock:
             for rule in self.rules:
                 if rule.matches(method, path):
-                    if isinstance(rule, Status | Cut):
+                    if isinstance(rule, Status | Cut | Redirect | Stall):
                         self._use(rule)
                     return rule
         return None

@@ -228,6 +228,7 @@ def test_python_api_in_process(agent_stack: AgentStack, tmp_path: Path, bus_jpg:
         device_id="dev-inproc",
         data_dir=tmp_path / "inproc",
         enrollment_token=ENROLLMENT_TOKEN,
+        allow_unsigned=True,
         listen=None,
         labels={"lane": "inproc"},
         poll_interval_s=0.3,

@@ -47,7 +47,7 @@ def test_hostile_label_values_survive_the_exposition(trained_bundle: Path, tmp_p
     _install(tmp_path / "agent", trained_bundle, HOSTILE_MODEL, HOSTILE_VERSION)
     settings = AgentSettings(
         server=f"http://127.0.0.1:{closed_port}", device_id="metrics-cam", data_dir=tmp_path / "agent",
-        enrollment_token="unused", listen="127.0.0.1:0", device="cpu", poll_interval_s=60,
+        enrollment_token="unused", listen="127.0.0.1:0", device="cpu", poll_interval_s=60, allow_unsigned=True,
     )  # fmt: skip
     agent = Agent(settings).start()
     try:
@@ -90,6 +90,7 @@ def test_each_agent_has_its_own_registry(tmp_path: Path, closed_port: int) -> No
                 data_dir=tmp_path / str(i),
                 enrollment_token="unused",
                 listen=None,
+                allow_unsigned=True,
             )
         )
         for i in range(2)

@@ -1,5 +1,6 @@
 """The agent's parts on real files and a real HTTP server on loopback: resumable downloads, disk-space refusal,
-variant choice without CUDA, pruning of installed versions, the outbox."""
+a disk that fills up mid-download, redirects (followed within the origin only), the bounds on an offer, variant
+choice without CUDA, pruning of installed versions, the outbox."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from faultproxy import Cut, FaultProxy
+from faultproxy import Cut, FaultProxy, Redirect
+from mounts import tmpfs
 
-from edge_agent.download import Downloader
-from edge_agent.errors import DiskSpaceError, VerificationFailed
+from edge_agent.download import MAX_REDIRECTS, Downloader
+from edge_agent.errors import DiskSpaceError, OfferRefused, VerificationFailed
 from edge_agent.protocol import DesiredState
 from edge_agent.reporting import Outbox, event
 from edge_agent.store import Installed, VersionStore
@@ -84,6 +86,94 @@ def test_download_refused_when_disk_would_fill(files_server: str, tmp_path: Path
         downloader.fetch(offer(files_server), tmp_path / "staging")
     downloader.close()
     assert not list((tmp_path / "staging").rglob("*.torchscript"))
+
+
+def test_a_disk_that_fills_up_mid_download_fails_it_and_removes_the_part(files_server: str, tmp_path: Path) -> None:
+    """A tmpfs of exactly the file's size passes the free-space check; the manifest written first takes a page, so
+    the file's last bytes find the disk full."""
+    with tmpfs(tmp_path / "small-disk", len(PAYLOAD)) as disk:
+        downloader = Downloader(attempts=3, min_free_bytes=0, timeout_s=10)
+        with pytest.raises(DiskSpaceError) as refused:
+            downloader.fetch(offer(files_server), disk / "staging")
+        downloader.close()
+        reason = str(refused.value)
+        assert "ENOSPC" in reason and "variants/cpu-fp32/model.torchscript" in reason, reason
+        assert "model.torchscript.part was removed" in reason
+        assert not list(disk.rglob("*.part"))
+
+
+@pytest.mark.parametrize("times", [1, MAX_REDIRECTS])
+def test_redirects_within_the_origin_are_followed(files_server: str, tmp_path: Path, times: int) -> None:
+    with FaultProxy(files_server) as proxy:
+        proxy.add_rule(Redirect("model.bin", proxy.url, status=307, times=times))  # same scheme, host and port
+        downloader = Downloader(attempts=1, min_free_bytes=0, timeout_s=10)
+        downloader.fetch(offer(proxy.url), tmp_path / "staging")
+        downloader.close()
+        assert [s.status for s in proxy.requests_to("model.bin")] == [307] * times + [200]
+    assert (tmp_path / "staging" / "variants" / "cpu-fp32" / "model.torchscript").read_bytes() == PAYLOAD
+
+
+def test_more_redirects_than_the_bound_refuse_the_offer(files_server: str, tmp_path: Path) -> None:
+    with FaultProxy(files_server) as proxy:
+        proxy.add_rule(Redirect("model.bin", proxy.url))  # forever
+        downloader = Downloader(attempts=3, min_free_bytes=0, timeout_s=10)
+        with pytest.raises(OfferRefused, match=f"more than {MAX_REDIRECTS} redirects"):
+            downloader.fetch(offer(proxy.url), tmp_path / "staging")
+        downloader.close()
+        assert len(proxy.requests_to("model.bin")) == MAX_REDIRECTS + 1  # refused, not tried again
+
+
+@pytest.mark.parametrize("what", ["model.bin", MANIFEST_NAME])
+def test_a_redirect_to_another_origin_refuses_the_offer(files_server: str, tmp_path: Path, what: str) -> None:
+    """The other origin would serve the right bytes: only the origin check stands between the device and it."""
+    with FaultProxy(files_server) as elsewhere, FaultProxy(files_server) as proxy:
+        proxy.add_rule(Redirect(what, elsewhere.url))
+        downloader = Downloader(attempts=3, min_free_bytes=0, timeout_s=10)
+        with pytest.raises(OfferRefused, match="to another origin") as refused:
+            downloader.fetch(offer(proxy.url), tmp_path / "staging")
+        downloader.close()
+        assert elsewhere.url.removeprefix("http://") in str(refused.value)
+        assert elsewhere.seen == []
+        assert len(proxy.requests_to(what)) == 1
+    assert not list((tmp_path / "staging").rglob("model.torchscript*"))
+
+
+def test_an_offer_over_the_bounds_is_refused_before_any_request(files_server: str, tmp_path: Path) -> None:
+    with FaultProxy(files_server) as proxy:
+        two_files = offer(proxy.url)
+        two_files.files.append(two_files.files[0].model_copy(update={"path": "golden.npz"}))
+        cases = [
+            (offer(proxy.url), {"max_bundle_bytes": len(PAYLOAD) - 1}, "max_bundle_bytes is"),
+            (two_files, {"max_bundle_files": 1}, "lists 2 files; max_bundle_files is 1"),
+            (offer(proxy.url).model_copy(update={"manifest_url": "file:///etc/passwd"}), {}, "not an http"),
+        ]
+        for desired, bounds, fragment in cases:
+            downloader = Downloader(attempts=1, min_free_bytes=0, timeout_s=10, **bounds)
+            with pytest.raises(OfferRefused, match=fragment):
+                downloader.fetch(desired, tmp_path / "staging")
+            downloader.close()
+        assert proxy.seen == []
+    assert not (tmp_path / "staging").exists()
+
+
+def test_a_manifest_over_its_bound_is_refused_as_it_streams(tmp_path: Path) -> None:
+    from edge_agent import download
+
+    root = tmp_path / "served"
+    root.mkdir()
+    (root / MANIFEST_NAME).write_bytes(b" " * (download._MAX_MANIFEST_BYTES + 1))
+    handler = lambda *a, **k: http.server.SimpleHTTPRequestHandler(*a, directory=str(root), **k)  # noqa: E731
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.RequestHandlerClass.log_message = lambda *a: None  # type: ignore[method-assign]
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        downloader = Downloader(attempts=1, min_free_bytes=0, timeout_s=10)
+        with pytest.raises(OfferRefused, match=r"manifest at .* is larger than"):
+            downloader.fetch(offer(f"http://127.0.0.1:{server.server_address[1]}"), tmp_path / "staging")
+        downloader.close()
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_download_refuses_paths_outside_staging(files_server: str, tmp_path: Path) -> None:

@@ -137,7 +137,8 @@ def shadow_versions(
 ) -> dict[str, str]:  # fmt: skip
     """Versions of ``agent-line`` for the shadow tests: base (the trained detector), reexport (the same weights
     exported again: equivalent), dropped (the same weights with the capacitor class silenced)."""
-    from exporters.drills import set_latency_budget
+    from exporters.bundle import read_manifest
+    from exporters.drills import set_latency_budget, set_product_line
     from exporters.export import ExportRequest, export_bundle
     from exporters.yolo_variants import drop_class
     from registry.mlflow_gateway import MlflowGateway
@@ -145,13 +146,15 @@ def shadow_versions(
     root = tmp_path_factory.mktemp("shadow-versions")
     base = root / "base"
     shutil.copytree(trained_bundle, base)
+    set_product_line(base, agent_versions.model)
     set_latency_budget(base, 61_000)  # a distinct manifest: the registry refuses duplicates
     built = {"base": base}
     weights = {"reexport": trained_detector, "dropped": drop_class(trained_detector, DROPPED_CLASS, root / "d.pt")}
     for index, (role, source) in enumerate(weights.items()):
         request = ExportRequest(
             model=str(source), out_dir=root / role, imgsz=(SCENE_SIZE, SCENE_SIZE), variants=("cpu-fp32",),
-            name="pcb-parts", golden_images=tuple(scene_images), latency_budget_ms=62_000 + index,
+            name=agent_versions.model, release=read_manifest(base).release, golden_images=tuple(scene_images),
+            latency_budget_ms=62_000 + index,
         )  # fmt: skip
         assert export_bundle(request).passed, role  # export gates compare a model with itself: both pass
         built[role] = root / role

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -12,7 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
-from faultproxy import Corrupt, Cut, FaultProxy, Rewrite, Seen, Status, rewrite_json
+from faultproxy import Corrupt, Cut, FaultProxy, Redirect, Rewrite, Seen, Stall, Status, rewrite_json
 
 from yolo_ota.processes import free_port
 
@@ -254,6 +255,37 @@ def test_status_rule_answers_without_upstream(proxy: FaultProxy, client: httpx.C
     failed = client.post(proxy.url + "/v1/echo", content=b"x")
     assert (failed.status_code, failed.content) == (500, b"boom")
     assert "retry-after" not in failed.headers
+
+
+def test_redirect_names_the_other_origin_and_path_without_upstream(
+    proxy: FaultProxy, client: httpx.Client, upstream
+) -> None:
+    before = len(upstream[1].to("file.bin"))
+    rule = proxy.add_rule(Redirect("file.bin", "http://other.example:8123/", status=307, times=1))
+    answer = client.get(proxy.url + "/artifacts/file.bin?x=1")
+    assert answer.status_code == 307
+    assert answer.headers["location"] == "http://other.example:8123/artifacts/file.bin?x=1"
+    assert len(upstream[1].to("file.bin")) == before
+    assert client.get(proxy.url + "/artifacts/file.bin").content == BODY  # used up
+    assert (rule.times, rule.applied) == (0, 1)
+
+
+def test_stall_holds_the_rest_of_the_body_until_released(proxy: FaultProxy, client: httpx.Client) -> None:
+    rule = proxy.add_rule(Stall("file.bin", 30_000, pause_s=30))
+    received = bytearray()
+    with client.stream("GET", proxy.url + "/artifacts/file.bin") as response:
+        chunks = response.iter_raw()
+        while len(received) < 30_000:
+            received += next(chunks)
+        assert rule.stalled.wait(5)
+        assert bytes(received) == BODY[:30_000]
+        started = time.monotonic()
+        threading.Timer(0.5, rule.release).start()
+        for chunk in chunks:
+            received += chunk
+        assert time.monotonic() - started >= 0.4  # nothing more came until the release
+    assert bytes(received) == BODY
+    assert client.get(proxy.url + "/artifacts/file.bin").content == BODY  # times=1: used up
 
 
 def test_first_applicable_rule_wins_and_clear_rules(proxy: FaultProxy, client: httpx.Client) -> None:

@@ -26,7 +26,7 @@ from fleet import Fleet
 from servers import start_rollout_service
 
 from exporters.bundle import read_manifest, write_manifest
-from exporters.drills import set_latency_budget
+from exporters.drills import set_latency_budget, set_product_line
 from yolo_ota.processes import RunningServer
 
 pytestmark = pytest.mark.slow  # four agents under traffic, five rollouts
@@ -45,14 +45,16 @@ NO_SHADOW = {"enabled": False}
 AGENT_SETTINGS = {"REPORT_INTERVAL_S": "0.3", "POLL_INTERVAL_S": "0.3", "PROBATION_S": "1"}
 
 
-def _export(weights: Path, out: Path, scenes: list[Path], budget_ms: float) -> Path:
+def _export(weights: Path, out: Path, scenes: list[Path], budget_ms: float, release: int | None) -> Path:
+    """A bundle of ``MODEL``, of the same release as the base: the versions are alternatives, not successors."""
     from exporters.export import ExportRequest, export_bundle
 
     result = export_bundle(
         ExportRequest(
-            model=str(weights), out_dir=out, imgsz=(SIZE, SIZE), variants=("cpu-fp32",), golden_images=tuple(scenes)
+            model=str(weights), out_dir=out, imgsz=(SIZE, SIZE), variants=("cpu-fp32",), golden_images=tuple(scenes),
+            name=MODEL, release=release,
         )
-    )
+    )  # fmt: skip
     assert result.passed, result.manifest.gates
     return _prepared(out, budget_ms)
 
@@ -81,12 +83,15 @@ def versions(
     root = tmp_path_factory.mktemp("analysis-versions")
     base = root / "base"
     shutil.copytree(trained_bundle, base)
+    set_product_line(base, MODEL)
+    release = read_manifest(base).release
     built = {
         "base": _prepared(base, 10_000),
-        "same": _export(trained_detector, root / "same", scene_images, 20_000),
+        "same": _export(trained_detector, root / "same", scene_images, 20_000, release),
         "dropped": _export(drop_class(trained_detector, DROPPED, root / "dropped.pt"), root / "dropped",
-                           scene_images, 30_000),
-        "slow": _export(slow_down(trained_detector, EXTRA_MS, root / "slow.pt"), root / "slow", scene_images, 40_000),
+                           scene_images, 30_000, release),
+        "slow": _export(slow_down(trained_detector, EXTRA_MS, root / "slow.pt"), root / "slow", scene_images, 40_000,
+                        release),
     }  # fmt: skip
     gateway = MlflowGateway(mlflow_server.url)
     return {role: gateway.register_bundle(path, MODEL).version.version for role, path in built.items()}

@@ -86,7 +86,7 @@ def _start_login_mlflow(data_dir: Path) -> RunningServer:
 
 
 @pytest.fixture(scope="module")
-def login_stack(tmp_path_factory: pytest.TempPathFactory, trained_bundle: Path) -> Iterator[LoginStack]:
+def login_stack(tmp_path_factory: pytest.TempPathFactory, line_bundle) -> Iterator[LoginStack]:
     data_dir = tmp_path_factory.mktemp("mlflow-login")
     mlflow = _start_login_mlflow(data_dir)
     try:
@@ -97,7 +97,7 @@ def login_stack(tmp_path_factory: pytest.TempPathFactory, trained_bundle: Path) 
         env = clean_env(
             {"MLFLOW_TRACKING_USERNAME": REGISTRAR[0], "MLFLOW_TRACKING_PASSWORD": REGISTRAR[1], "YOLO_OFFLINE": "true"}
         )
-        command = [sys.executable, "-m", "yolo_ota.cli", "register", str(trained_bundle), "--name", MODEL]
+        command = [sys.executable, "-m", "yolo_ota.cli", "register", str(line_bundle(MODEL)), "--name", MODEL]
         command += ["--mlflow-uri", mlflow.url]
         registered = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
         assert registered.returncode == 0, registered.stdout + registered.stderr

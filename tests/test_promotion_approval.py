@@ -53,7 +53,15 @@ def test_an_alias_move_waits_for_approval_and_a_rejection_offers_nothing(
     fleet.wait_for("the canary's first wave", lambda: fleet_model["better"] in _offered(fleet, devices))
     assert [e["action"] for e in fleet.audit(waiting["id"])][:2] == ["created", "approve"]
 
+    # Moving the alias back to an older release asks for a downgrade, which no promotion can order.
     client.set_registered_model_alias(MODEL, "production", fleet_model["good"])
+    back = fleet.wait_for(
+        "the refused promotion",
+        lambda: [p for p in fleet.op("GET", "/v1/promotions")["promotions"] if p["version"] == fleet_model["good"]],
+    )[0]
+    assert back["outcome"] == "refused" and "downgrade" in back["reason"], back
+
+    client.set_registered_model_alias(MODEL, "production", fleet_model["newest"])
     second = fleet.wait_for(
         "the next promotion",
         lambda: [r for r in fleet.op("GET", "/v1/rollouts")["rollouts"] if r["state"] == "waiting_for_approval"],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import httpx
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from exporters.bundle import MANIFEST_NAME
+from exporters.drills import set_product_line
 from exporters.export import ExportRequest, export_bundle
 from registry.errors import DuplicateBundleError, PromotionRefusedError, RegistryUnavailableError
 from registry.mlflow_gateway import MlflowGateway
@@ -37,7 +39,12 @@ def failed_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("failed") / "bundle"
     result = export_bundle(
         ExportRequest(
-            model="yolov8n.yaml", out_dir=out, imgsz=(64, 64), variants=("cpu-fp32",), latency_budget_ms=0.001
+            model="yolov8n.yaml",
+            out_dir=out,
+            imgsz=(64, 64),
+            variants=("cpu-fp32",),
+            latency_budget_ms=0.001,
+            name="pcb-failed",
         )
     )
     assert not result.passed
@@ -45,9 +52,10 @@ def failed_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_register_creates_a_tagged_version_from_the_bundle_artifacts(
-    mlflow_server: RunningServer, trained_bundle: Path, cli, tmp_path: Path
+    mlflow_server: RunningServer, line_bundle, cli, tmp_path: Path
 ) -> None:
-    done = cli("register", str(trained_bundle), "--name", "pcb-register", "--tracking-uri", mlflow_server.url)
+    trained_bundle = line_bundle("pcb-register")
+    done = cli("register", str(trained_bundle), "--tracking-uri", mlflow_server.url)  # its own line by default
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "1"  # the bare version number on stdout
     assert "registered" in done.stderr and "gates pass" in done.stderr
@@ -58,7 +66,8 @@ def test_register_creates_a_tagged_version_from_the_bundle_artifacts(
     manifest = json.loads(manifest_bytes)
     tags = mv.tags
     assert tags["ota.manifest_sha256"] == hashlib.sha256(manifest_bytes).hexdigest()
-    assert tags["ota.schema"] == "1"
+    assert tags["ota.schema"] == "2"
+    assert tags["ota.release"] == str(manifest["release"])
     assert tags["ota.format"] == "torchscript"
     assert tags["ota.signed"] == "false"
     assert tags["ota.variants"] == "cpu-fp32"
@@ -68,7 +77,7 @@ def test_register_creates_a_tagged_version_from_the_bundle_artifacts(
     assert float(tags["ota.gate.cpu-fp32.raw_parity.mse"]) <= 1e-5
     assert tags["ota.fp.torch"] == torch.__version__
     assert tags["ota.fp.python"] == manifest["fingerprint"]["python"]
-    assert "Gates of pcb-parts" in mv.description and "cpu-fp32" in mv.description
+    assert "Gates of pcb-register" in mv.description and "cpu-fp32" in mv.description
     # MLflow renders a version's description as Markdown: tables in Markdown, not box-drawn text.
     assert "| variant | raw vs |" in mv.description and "┃" not in mv.description and "```" not in mv.description
 
@@ -85,6 +94,17 @@ def test_register_creates_a_tagged_version_from_the_bundle_artifacts(
     again = cli("register", str(trained_bundle), "--name", "pcb-register", "--tracking-uri", mlflow_server.url)
     assert "already version 1 of pcb-register" in _one_line_error(again)
     assert len(client.search_model_versions("name = 'pcb-register'")) == 1
+
+
+def test_a_bundle_is_registered_under_its_own_product_line_only(mlflow_server: RunningServer, line_bundle, cli) -> None:
+    """The product line is signed into the manifest: a bundle of one line cannot become another line's version."""
+    bundle = line_bundle("pcb-line-a")
+    done = cli("register", str(bundle), "--name", "pcb-line-b", "--tracking-uri", mlflow_server.url)
+    assert "exported for product line 'pcb-line-a'" in _one_line_error(done)
+    response = httpx.get(
+        f"{mlflow_server.url}/api/2.0/mlflow/model-versions/search", params={"filter": "name='pcb-line-b'"}, timeout=10
+    )
+    assert response.status_code == 200 and not response.json().get("model_versions"), response.text
 
 
 def test_tampered_bundle_is_refused_at_register(mlflow_server: RunningServer, bundle_copy: Path, cli) -> None:
@@ -123,11 +143,15 @@ def test_failed_gates_are_not_promoted_unless_forced(mlflow_server: RunningServe
 
 
 def test_promote_and_an_alias_set_like_the_ui_are_the_same(
-    mlflow_server: RunningServer, trained_bundle: Path, failed_bundle: Path
+    mlflow_server: RunningServer, line_bundle, failed_bundle: Path, tmp_path: Path
 ) -> None:
     gateway = MlflowGateway(mlflow_server.url)
+    trained_bundle = line_bundle("pcb-alias")
+    failed_copy = tmp_path / "failed"
+    shutil.copytree(failed_bundle, failed_copy)
+    set_product_line(failed_copy, "pcb-alias")
     first = gateway.register_bundle(trained_bundle, "pcb-alias").version.version
-    second = gateway.register_bundle(failed_bundle, "pcb-alias").version.version
+    second = gateway.register_bundle(failed_copy, "pcb-alias").version.version
     assert gateway.promote("pcb-alias", first).aliases == ("production",)
     with pytest.raises(PromotionRefusedError):
         gateway.promote("pcb-alias", second)
@@ -148,7 +172,7 @@ def test_promote_and_an_alias_set_like_the_ui_are_the_same(
 def test_unreachable_mlflow_is_one_error_line(trained_bundle: Path, cli, tmp_path: Path) -> None:
     dead = f"http://127.0.0.1:{free_port()}"
     for args in (
-        ("register", str(trained_bundle), "--name", "x", "--tracking-uri", dead),
+        ("register", str(trained_bundle), "--tracking-uri", dead),
         ("versions", "x", "--tracking-uri", dead),
         ("promote", "x", "1", "--tracking-uri", dead),
     ):

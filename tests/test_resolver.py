@@ -120,9 +120,15 @@ def gateway(mlflow_server: RunningServer) -> MlflowGateway:
 
 
 @pytest.fixture(scope="module")
-def pcb(gateway: MlflowGateway, trained_bundle: Path) -> Registration:
+def pcb_bundle(line_bundle) -> Path:
+    """The trained bundle, exported for product line ``resolver-pcb``."""
+    return line_bundle(PCB)
+
+
+@pytest.fixture(scope="module")
+def pcb(gateway: MlflowGateway, pcb_bundle: Path) -> Registration:
     """Version 1 of ``resolver-pcb``, registered by the gateway and promoted to ``production``."""
-    registration = gateway.register_bundle(trained_bundle, PCB)
+    registration = gateway.register_bundle(pcb_bundle, PCB)
     gateway.promote(PCB, registration.version.version)
     return registration
 
@@ -134,7 +140,7 @@ def pcb_runs_version(mlflow_server: RunningServer, pcb: Registration) -> str:
 
 
 def test_resolves_the_production_alias_and_every_file_downloads(
-    mlflow_server: RunningServer, pcb: Registration, trained_bundle: Path, tmp_path: Path
+    mlflow_server: RunningServer, pcb: Registration, pcb_bundle: Path, tmp_path: Path
 ) -> None:
     with BundleResolver(mlflow_server.url) as resolver:
         resolved = resolver.resolve(PCB, alias="production")
@@ -143,16 +149,16 @@ def test_resolves_the_production_alias_and_every_file_downloads(
     assert resolved.source.startswith("mlflow-artifacts:/")
     assert resolved.signature_url is None and resolved.tags[SIGNED_TAG] == "false"
     assert all(f.url.startswith(f"{mlflow_server.url}/api/2.0/mlflow-artifacts/artifacts/") for f in resolved.files)
-    assert_complete(resolved, trained_bundle)
+    assert_complete(resolved, pcb_bundle)
     load_verified(download(resolved, tmp_path / "fetched"))
 
 
-def test_resolves_by_version(mlflow_server: RunningServer, pcb: Registration, trained_bundle: Path) -> None:
+def test_resolves_by_version(mlflow_server: RunningServer, pcb: Registration, pcb_bundle: Path) -> None:
     with BundleResolver(mlflow_server.url) as resolver:
         by_version = resolver.resolve(PCB, version=pcb.version.version)
         by_alias = resolver.resolve(PCB, alias="production")
     assert by_version == by_alias
-    assert_complete(by_version, trained_bundle)
+    assert_complete(by_version, pcb_bundle)
 
 
 def test_unknown_alias_version_and_model_are_not_found(mlflow_server: RunningServer, pcb: Registration) -> None:
@@ -168,17 +174,17 @@ def test_unknown_alias_version_and_model_are_not_found(mlflow_server: RunningSer
 
 
 def test_runs_source_resolves_through_the_run(
-    mlflow_server: RunningServer, pcb: Registration, pcb_runs_version: str, trained_bundle: Path, tmp_path: Path
+    mlflow_server: RunningServer, pcb: Registration, pcb_runs_version: str, pcb_bundle: Path, tmp_path: Path
 ) -> None:
     with BundleResolver(mlflow_server.url) as resolver:
         resolved = resolver.resolve(PCB, version=pcb_runs_version)
     assert resolved.source == f"runs:/{pcb.run_id}/bundle"  # MLflow keeps the runs:/ URI as given
-    assert_complete(resolved, trained_bundle)
+    assert_complete(resolved, pcb_bundle)
     load_verified(download(resolved, tmp_path / "fetched"))
 
 
 def test_copied_version_resolves_through_its_models_source(
-    mlflow_server: RunningServer, pcb: Registration, trained_bundle: Path
+    mlflow_server: RunningServer, pcb: Registration, pcb_bundle: Path
 ) -> None:
     """``MlflowClient.copy_model_version`` (staging model -> production model) writes ``models:/<name>/<version>``."""
     model = "resolver-pcb-copy"
@@ -188,7 +194,7 @@ def test_copied_version_resolves_through_its_models_source(
     with BundleResolver(mlflow_server.url) as resolver:
         resolved = resolver.resolve(model, version=version)
         assert resolved.source == source
-        assert_complete(resolved, trained_bundle)
+        assert_complete(resolved, pcb_bundle)
         by_alias = resolver.artifact_url(f"models:/{PCB}@production", MANIFEST_NAME)
     assert by_alias == resolved.manifest_url
 
@@ -243,10 +249,10 @@ def test_manifest_listing_a_path_outside_the_bundle_is_refused(
 
 
 def test_signed_bundle_signature_downloads_and_verifies(
-    gateway: MlflowGateway, mlflow_server: RunningServer, trained_bundle: Path, tmp_path: Path
+    gateway: MlflowGateway, mlflow_server: RunningServer, line_bundle, tmp_path: Path
 ) -> None:
     model = "resolver-signed"
-    bundle = distinct_copy(trained_bundle, tmp_path / "bundle", created_at="2001-01-01T00:00:00+00:00")
+    bundle = distinct_copy(line_bundle(model), tmp_path / "bundle", created_at="2001-01-01T00:00:00+00:00")
     private_path, public_path = generate_keypair(tmp_path / "keys")
     sign_bundle(bundle, load_private_key(private_path))
     version = gateway.register_bundle(bundle, model).version.version
@@ -404,13 +410,14 @@ def direct_s3_mlflow(moto_url: str, tmp_path_factory: pytest.TempPathFactory) ->
 def test_s3_behind_the_proxy(
     proxied_s3_mlflow: RunningServer,
     moto_url: str,
-    trained_bundle: Path,
+    line_bundle,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     for name in ("MLFLOW_S3_ENDPOINT_URL", *S3_ENV):  # the client uploads through the proxy: no S3 access here
         monkeypatch.delenv(name, raising=False)
     model = "resolver-s3-proxied"
+    trained_bundle = line_bundle(model)
     registration = MlflowGateway(proxied_s3_mlflow.url, max_retries=0).register_bundle(trained_bundle, model)
     assert registration.version.source.startswith("mlflow-artifacts:/")
     with BundleResolver(proxied_s3_mlflow.url) as resolver:
@@ -426,7 +433,7 @@ def test_s3_behind_the_proxy(
 def test_s3_direct_with_presigned_urls(
     direct_s3_mlflow: RunningServer,
     moto_url: str,
-    trained_bundle: Path,
+    line_bundle,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -434,6 +441,7 @@ def test_s3_direct_with_presigned_urls(
     for name, value in S3_ENV.items():
         monkeypatch.setenv(name, value)
     model = "resolver-s3-direct"
+    trained_bundle = line_bundle(model)
     registration = MlflowGateway(direct_s3_mlflow.url, max_retries=0).register_bundle(trained_bundle, model)
     source = registration.version.source
     assert source.startswith(f"s3://{BUCKET}/direct/") and source.endswith(f"/{registration.run_id}/artifacts/bundle")
@@ -478,8 +486,9 @@ def postgres_mlflow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runnin
 
 
 @pytest.mark.slow  # its own MLflow server (S3 or PostgreSQL backend)
-def test_postgres_backend(postgres_mlflow: RunningServer, trained_bundle: Path, tmp_path: Path) -> None:
+def test_postgres_backend(postgres_mlflow: RunningServer, line_bundle, tmp_path: Path) -> None:
     model = "resolver-postgres"
+    trained_bundle = line_bundle(model)
     gateway = MlflowGateway(postgres_mlflow.url, max_retries=0)
     registration = gateway.register_bundle(trained_bundle, model)
     gateway.promote(model, registration.version.version)

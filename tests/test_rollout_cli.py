@@ -178,8 +178,11 @@ def test_pause_resume_abort_then_pause_is_a_conflict(rollout, fleet_model) -> No
 
 def test_rollback_returns_to_the_previous_version(rollout, fleet_model) -> None:
     label = _label()
-    created = _create(rollout, fleet_model, "--previous-version", fleet_model["better"], "--label", label)
-    assert created["previous_version"] == fleet_model["better"]
+    # Rolling good (release 1) out where better (release 2) runs is a downgrade: the operator says so.
+    created = _create(
+        rollout, fleet_model, "--previous-version", fleet_model["better"], "--label", label, "--allow-downgrade"
+    )
+    assert created["previous_version"] == fleet_model["better"] and created["allow_downgrade"] is True
     out = _ok(rollout("rollback", str(created["id"])))
     assert f"is now rolled_back; its devices return to version {fleet_model['better']}" in out, out
 

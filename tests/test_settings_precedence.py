@@ -159,11 +159,12 @@ def test_registry_command_uses_the_uri_that_wins(cli, tmp_path: Path, monkeypatc
 
 
 def test_promote_and_versions_reach_mlflow_tracking_uri(
-    cli, mlflow_server: RunningServer, trained_bundle: Path, monkeypatch: pytest.MonkeyPatch
+    cli, mlflow_server: RunningServer, line_bundle, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from registry.mlflow_gateway import MlflowGateway
 
-    version = MlflowGateway(mlflow_server.url).register_bundle(trained_bundle, "pcb-fallback").version.version
+    bundle = line_bundle("pcb-fallback")
+    version = MlflowGateway(mlflow_server.url).register_bundle(bundle, "pcb-fallback").version.version
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
     promoted = cli("promote", "pcb-fallback", version)
     assert promoted.returncode == 0, promoted.stderr

@@ -21,6 +21,7 @@ from yolo_ota.commands import bundle, demo, registry, server
 from yolo_ota.commands.common import fail
 from yolo_ota.commands.config import config_app
 from yolo_ota.extras import missing_extra_message
+from yolo_ota.revoke_cli import revoke
 from yolo_ota.rollout_cli import rollout_app
 
 app = typer.Typer(
@@ -40,6 +41,7 @@ for command in (
     server.server,
     server.agent,
     demo.demo,
+    revoke,
 ):
     app.command()(command)
 app.add_typer(bundle.keys_app, name="keys")

@@ -156,6 +156,14 @@ def _mapping(pairs: list[PairArg] | None, option: str) -> dict[str, str]:
 # -- commands --------------------------------------------------------------------------------------------------
 
 
+AllowDowngrade = Annotated[
+    bool, typer.Option(help="Order devices onto VERSION where it is an older release than the one they run.")
+]
+ForceGates = Annotated[
+    bool, typer.Option(help="Roll VERSION out although its gates failed (recorded; devices run it on this order).")
+]
+
+
 @rollout_app.command()
 def create(
     model: Annotated[str, typer.Argument(help="Registered model name.")],
@@ -189,6 +197,8 @@ def create(
         str | None, typer.Option(help="What rollback returns to (default: what the last rollout left).")
     ] = None,
     supersede: Annotated[bool, typer.Option(help="Abort an active rollout of MODEL for the same devices.")] = False,
+    allow_downgrade: AllowDowngrade = False,
+    force_gates: ForceGates = False,
     reason: Reason = "",
     server: Server = None,
     token: Token = None,
@@ -199,13 +209,11 @@ def create(
     if split is not None and control_version is None:
         raise fail("--split is for an A/B test: give --control-version too")
     body: dict[str, Any] = {
-        "model": model,
-        "version": version,
+        "model": model, "version": version,
         "strategy": (strategy or (Strategy.ab if control_version else Strategy.canary)).value,
         "selector": {"labels": _mapping(labels, "--label"), "fingerprint": _mapping(fingerprint, "--fp")},
-        "supersede": supersede,
-        "reason": reason,
-    }
+        "supersede": supersede, "allow_downgrade": allow_downgrade, "force_gates": force_gates, "reason": reason,
+    }  # fmt: skip
     if waves:
         body["waves"] = [wave.body() for wave in waves]
     if control_version is not None:

@@ -150,7 +150,8 @@ def launch_agent(
 ) -> RunningServer:
     """``yolo-ota agent`` with its local API on a free loopback port, without waiting for it.
 
-    ``settings`` are ``YOLO_OTA_AGENT_*`` variables without the prefix; its log is ``data_dir/agent.log``.
+    ``settings`` are ``YOLO_OTA_AGENT_*`` variables without the prefix; its log is ``data_dir/agent.log``. Without a
+    ``public_key`` the agent runs with ``--allow-unsigned`` (and says so in its log and status).
     """
     port = free_port()
     command = [
@@ -159,8 +160,7 @@ def launch_agent(
     ]  # fmt: skip
     for key, value in (labels or {}).items():
         command += ["--label", f"{key}={value}"]
-    if public_key is not None:
-        command += ["--public-key", str(public_key)]
+    command += ["--public-key", str(public_key)] if public_key is not None else ["--allow-unsigned"]
     command += extra_args
     # The enrollment token goes in the environment, not on the command line where `ps` shows it.
     variables = {"CONFIG": own_config(data_dir), "ENROLLMENT_TOKEN": enrollment_token, **(settings or {})}

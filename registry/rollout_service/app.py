@@ -2,7 +2,8 @@
 
 ``service.build_service`` makes the engine and the managers; the routers of ``api/`` (one per resource) call
 them through the dependencies of ``api/deps.py``. Domain errors become status codes in one handler
-(``api/problems.py``). The background loops (wave scheduler, heartbeat flush, alias watch) run in the lifespan.
+(``api/problems.py``). The background loops (wave scheduler, heartbeat flush, retention, alias watch) run in the
+lifespan. Request bodies are bounded before they are read (``api/body_limits.py``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 
 from registry.mlflow_gateway import MlflowGateway
-from registry.rollout_service.api import access, devices, operations, problems, rollouts
+from registry.rollout_service.api import access, devices, operations, problems, revocations, rollouts
+from registry.rollout_service.api.body_limits import BodyLimits, route_limits
 from registry.rollout_service.errors import RolloutServiceError
 from registry.rollout_service.service import Service, build_service
 from registry.rollout_service.settings import ServiceSettings
@@ -30,7 +32,7 @@ log = logging.getLogger(__name__)
 
 
 def create_app(settings: ServiceSettings) -> FastAPI:
-    """The ASGI app for ``settings``, with its background loops (scheduler, alias poll, heartbeats)."""
+    """The ASGI app for ``settings``, with its background loops (scheduler, alias poll, heartbeats, retention)."""
     service = build_service(settings)
     if settings.dev_mode:
         log.warning("dev mode: well-known tokens are accepted where none are configured; never use it in production")
@@ -40,6 +42,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         tasks = [
             asyncio.create_task(_every(settings.scheduler_interval_s, service.rollouts.evaluate_all, "scheduler")),
             asyncio.create_task(_every(settings.heartbeat_flush_s, service.devices.flush_heartbeats, "heartbeats")),
+            asyncio.create_task(_every(settings.retention_interval_s, service.retention.prune, "retention")),
         ]
         if settings.mlflow_uri:
             tasks.append(asyncio.create_task(_watch_aliases(service)))
@@ -66,6 +69,13 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     app.include_router(devices.router)
     app.include_router(rollouts.router)
     app.include_router(access.router)
+    app.include_router(revocations.router)
+    app.add_middleware(
+        BodyLimits,
+        routes=route_limits(settings),
+        default_max_bytes=settings.max_body_bytes,
+        on_refused=service.metrics.errors.labels("413").inc,
+    )
     return app
 
 

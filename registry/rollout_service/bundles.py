@@ -34,6 +34,12 @@ class BundleSummary:
     variants: dict[str, bool]  # variant -> its gates passed
     fingerprint: Fingerprint
     class_names: tuple[str, ...] = ()  # by class index; empty when not known (a record from an older service)
+    release: int | None = None  # the bundle's signed release number; None: schema 1 (not numbered)
+
+    @property
+    def release_order(self) -> int:
+        """The release to compare versions by: a bundle that predates numbering comes before every numbered one."""
+        return self.release or 0
 
 
 @dataclass(frozen=True)
@@ -42,14 +48,16 @@ class VariantChoice:
     reason: str | None  # why no variant fits, when variant is None
 
 
-def variant_to_offer(bundle: BundleSummary, device: Fingerprint, preference: list[str]) -> VariantChoice:
-    """The first variant in ``preference`` that the bundle has, that passed its gates, and the device can run."""
-    reasons: list[str] = []
+def variant_to_offer(
+    bundle: BundleSummary, device: Fingerprint, preference: list[str], *, forced: bool = False
+) -> VariantChoice:
+    """The first variant in ``preference`` that the bundle has, that passed its gates, and the device can run; when
+    an operator ``forced`` the rollout past failed gates and no passing variant fits, the first that fits."""
     ordered = [v for v in preference if v in bundle.variants] + sorted(set(bundle.variants) - set(preference))
-    for variant in ordered:
-        if not bundle.variants[variant]:
-            reasons.append(f"{variant} failed its gates")
-            continue
+    passing = [v for v in ordered if bundle.variants[v]]
+    candidates = passing + [v for v in ordered if v not in passing] if forced else passing
+    reasons = [f"{v} failed its gates" for v in ordered if v not in candidates]
+    for variant in candidates:
         try:
             why_not = check_compatible(bundle.fingerprint, device, variant)
         except ValueError as exc:  # a version that cannot be compared is not a version to bet a line on
@@ -95,6 +103,7 @@ class BundleCatalog:
             variants={str(k): bool(v) for k, v in record.variants.items()},
             fingerprint=Fingerprint.model_validate(record.fingerprint),
             class_names=tuple(str(n) for n in record.class_names or ()),
+            release=record.release,
         )
         self._summaries[key] = summary
         return summary
@@ -118,6 +127,13 @@ class BundleCatalog:
             if exc.retryable:
                 raise UpstreamUnavailableError(str(exc)) from None
             raise InvalidRequestError(str(exc)) from None
+        if resolved.manifest.name != model:
+            # The product line is signed into the manifest; a bundle of another line put under this registered model
+            # (through MLflow's API, past `yolo-ota register`) is not this line's version, whatever its number.
+            raise InvalidRequestError(
+                f"version {version} of {model} holds a bundle exported for product line {resolved.manifest.name!r}; "
+                "it is not offered to devices"
+            )
         with self._lock:
             self._resolved[key] = (now, resolved)
         return resolved
@@ -134,6 +150,7 @@ class BundleCatalog:
             },
             fingerprint=manifest.fingerprint,
             class_names=tuple(manifest.names.get(i, str(i)) for i in range(max(manifest.names, default=-1) + 1)),
+            release=manifest.release,
         )
         try:
             with transaction(self._sessions) as session:
@@ -146,6 +163,7 @@ class BundleCatalog:
                         variants=summary.variants,
                         fingerprint=manifest.fingerprint.model_dump(mode="json"),
                         class_names=list(summary.class_names),
+                        release=summary.release,
                         resolved_at=utcnow(),
                     )
                 )

@@ -143,9 +143,19 @@ class DeviceEvent(Base):
     details: Mapped[dict[str, Any] | None]  # the figures of a shadow event
 
 
+# schemas.ACTIVE_STATES as SQL: at most one rollout of a model may be in them per device set (migration 0005).
+ROLLOUT_ACTIVE_SQL = "state IN ('pending', 'running', 'paused', 'halted')"
+
+
 class Rollout(Base):
     __tablename__ = "rollouts"
-    __table_args__ = (sa.Index("ix_rollouts_model_state", "model", "state"),)
+    __table_args__ = (
+        sa.Index("ix_rollouts_model_state", "model", "state"),
+        sa.Index(
+            "ux_rollouts_one_active", "model", "selector_key", unique=True,
+            sqlite_where=sa.text(ROLLOUT_ACTIVE_SQL), postgresql_where=sa.text(ROLLOUT_ACTIVE_SQL),
+        ),
+    )  # fmt: skip
 
     id: Mapped[int] = mapped_column(sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True)
     model: Mapped[str] = mapped_column(sa.String(256))
@@ -159,6 +169,10 @@ class Rollout(Base):
     ab: Mapped[dict[str, Any] | None]
     analysis: Mapped[dict[str, Any] | None]  # the AnalysisSpec it is judged by (server defaults merged in)
     shadow: Mapped[dict[str, Any] | None]  # the ShadowSpec its devices get with the desired state
+    # An operator's orders, signed into each device's desired state: run a release older than the device's
+    # (allow_downgrade), run a version whose gates failed (force_gates).
+    allow_downgrade: Mapped[bool] = mapped_column(default=False, server_default=sa.false())
+    force_gates: Mapped[bool] = mapped_column(default=False, server_default=sa.false())
     current_wave: Mapped[int] = mapped_column(default=0)
     wave_started_at: Mapped[datetime | None]
     revision: Mapped[int] = mapped_column(default=0)  # bumped by every transition; compare-and-set guard
@@ -279,11 +293,25 @@ class BundleRecord(Base):
     model: Mapped[str] = mapped_column(sa.String(256), primary_key=True)
     version: Mapped[str] = mapped_column(sa.String(32), primary_key=True)
     manifest_sha256: Mapped[str] = mapped_column(sa.String(64))
+    release: Mapped[int | None] = mapped_column(sa.BigInteger)  # None: a schema 1 bundle (not numbered)
     gates_passed: Mapped[bool]
     variants: Mapped[dict[str, Any]]  # variant name -> gates passed
     fingerprint: Mapped[dict[str, Any]]
     class_names: Mapped[list[Any] | None]  # by class index; None: stored before class names were kept
     resolved_at: Mapped[datetime]
+
+
+class RevocationListRecord(Base):
+    """Each revocation list the service was given (``exporters.revocations``), signed by the release key; devices
+    get the one with the highest sequence."""
+
+    __tablename__ = "revocation_lists"
+
+    sequence: Mapped[int] = mapped_column(sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True)
+    document: Mapped[str] = mapped_column(sa.Text)  # base64 of the signed JSON bytes
+    signature: Mapped[str] = mapped_column(sa.String(128))
+    created_by: Mapped[str] = mapped_column(sa.String(128))
+    created_at: Mapped[datetime]
 
 
 class StateGeneration(Base):

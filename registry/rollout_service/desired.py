@@ -3,6 +3,10 @@
 Every replica caches rollouts, devices and each device's choice against the database's state generation, which
 it re-reads at most every ``state_check_interval_s``. Any change that can alter a device's desired state bumps
 that generation in the same transaction, so a replica notices within that interval.
+
+Each full answer carries the choice signed with the service's key (``state_signing``) and the latest revocation
+list (``revocations``). The ETag is the choice's, plus the signing window and the revocation list's sequence: a
+device gets a fresh signature every window, and a new list as soon as there is one.
 """
 
 from __future__ import annotations
@@ -20,9 +24,11 @@ from registry.rollout_service.bundles import BundleCatalog
 from registry.rollout_service.db import Device, Rollout
 from registry.rollout_service.errors import NotFoundError
 from registry.rollout_service.records import DeviceView, RolloutView, read_generation
+from registry.rollout_service.revocations import NONE_YET, CurrentRevocations, RevocationStore
 from registry.rollout_service.schemas import UNAPPROVED_STATES, DesiredFile, DesiredState, DeviceStatus
 from registry.rollout_service.settings import ServiceSettings
-from registry.rollout_service.targeting import cohort_positions, place
+from registry.rollout_service.state_signing import StateOrder, StateSigner
+from registry.rollout_service.targeting import CONTROL, cohort_positions, place
 
 
 @dataclass(frozen=True)
@@ -32,16 +38,23 @@ class DesiredChoice:
     version: str | None
     variant: str | None
     manifest_sha256: str | None
-    etag: str
+    etag: str  # of the choice alone; ``DesiredIndex.etag`` adds the signing window and the revocation list
+    generation: int = 0  # the state generation it was made at (signed: devices refuse a lower one)
+    downgrade: bool = False  # an operator ordered this version even where the device runs a newer release
+    force_gates: bool = False  # an operator forced this version past its failed gates
 
 
 class DesiredIndex:
     """Answers "what should device X run now?" from caches that follow the state generation."""
 
-    def __init__(self, sessions: sessionmaker[Session], catalog: BundleCatalog, settings: ServiceSettings) -> None:
+    def __init__(
+        self, sessions: sessionmaker[Session], catalog: BundleCatalog, settings: ServiceSettings, signer: StateSigner
+    ) -> None:
         self._sessions = sessions
         self._catalog = catalog
         self._settings = settings
+        self._signer = signer
+        self._revocations: CurrentRevocations = NONE_YET
         self._lock = threading.Lock()
         self._generation = -1
         self._checked_at = -1e9
@@ -74,9 +87,11 @@ class DesiredIndex:
                 if generation != self._generation:
                     rows = session.execute(sa.select(Rollout).order_by(Rollout.id.desc())).scalars()
                     rollouts = [RolloutView.of(row) for row in rows]
+                    revocations = RevocationStore.read(session)
             with self._lock:
                 if rollouts is not None:
                     self._rollouts = rollouts
+                    self._revocations = revocations
                     self._devices.clear()
                     self._choices.clear()
                     self._fleet = None
@@ -139,7 +154,9 @@ class DesiredIndex:
             return cached
         device = self.device(device_id)
         preference = self._settings.variant_order
-        choice = DesiredChoice(None, None, None, None, None, _etag("none", self._settings.poll_interval_s))
+        choice = DesiredChoice(
+            None, None, None, None, None, _etag("none", self._settings.poll_interval_s), generation=generation
+        )
         for rollout in rollouts:
             if rollout.state in UNAPPROVED_STATES:
                 continue
@@ -147,7 +164,18 @@ class DesiredIndex:
             if placement.version is None or placement.variant is None:
                 continue
             digest = self._catalog.summary(rollout.model, placement.version).manifest_sha256
-            key = f"{rollout.id}|{rollout.model}|{placement.version}|{placement.variant}|{digest}"
+            # The control arm (an A/B test's control, the version before a canary, a rollback's target) is the
+            # operator's order as much as the new version is; a newer-than-running check must not refuse it.
+            downgrade = placement.arm == CONTROL or rollout.allow_downgrade
+            # Gates: the rollout's force, or a control version that failed them (an A/B control needs the force at
+            # creation; a previous version ran on these devices by the force of the rollout that put it there).
+            force = rollout.force_gates or (
+                placement.arm == CONTROL and not self._catalog.summary(rollout.model, placement.version).gates_passed
+            )
+            key = (
+                f"{rollout.id}|{rollout.model}|{placement.version}|{placement.variant}|{digest}|"
+                f"{int(downgrade)}{int(force)}"
+            )
             choice = DesiredChoice(
                 rollout.id,
                 rollout.model,
@@ -155,6 +183,9 @@ class DesiredIndex:
                 placement.variant,
                 digest,
                 _etag(key, self._settings.poll_interval_s),
+                generation=generation,
+                downgrade=downgrade,
+                force_gates=force,
             )
             break
         with self._lock:
@@ -172,10 +203,18 @@ class DesiredIndex:
                 self._cohorts[rollout.id] = positions
         return positions
 
-    def state(self, choice: DesiredChoice) -> DesiredState:
-        """The full answer for ``choice``: file URLs from the registry (cached for the bundle TTL)."""
+    def etag(self, choice: DesiredChoice) -> str:
+        """The poll's ETag: the choice's, the signing window's and the revocation list's (no I/O)."""
+        return f'{choice.etag[:-1]}-{self._signer.window()}-{self._revocations.revocations.sequence}"'
+
+    def state(self, device_id: str, choice: DesiredChoice) -> DesiredState:
+        """The full answer for ``choice``, signed for ``device_id``: file URLs from the registry (cached for the
+        bundle TTL), the signed statement and the revocation list."""
         poll = self._settings.poll_interval_s
+        etag = self.etag(choice)
+        revocations = self._revocations.signed
         if choice.version is None or choice.model is None or choice.variant is None:
+            statement = self._signer.sign(device_id, StateOrder(None, None, None, None, None, choice.generation))
             return DesiredState(
                 rollout_id=None,
                 model=None,
@@ -185,8 +224,10 @@ class DesiredIndex:
                 manifest_url=None,
                 manifest_sha256=None,
                 signature_url=None,
-                etag=choice.etag,
+                etag=etag,
                 poll_interval_s=poll,
+                statement=statement,
+                revocations=revocations,
             )
         resolved = self._catalog.resolve(choice.model, choice.version)
         variants = resolved.manifest.variants
@@ -198,6 +239,11 @@ class DesiredIndex:
             for f in resolved.files
             if f.path in wanted
         ]
+        shadow = self._shadow_of(choice.rollout_id)
+        order = StateOrder(
+            choice.rollout_id, choice.model, choice.version, choice.variant, choice.manifest_sha256,
+            choice.generation, downgrade=choice.downgrade, force_gates=choice.force_gates, shadow=shadow,
+        )  # fmt: skip
         return DesiredState(
             rollout_id=choice.rollout_id,
             model=choice.model,
@@ -207,10 +253,18 @@ class DesiredIndex:
             manifest_url=resolved.manifest_url,
             manifest_sha256=resolved.manifest_sha256,
             signature_url=resolved.signature_url,
-            etag=choice.etag,
+            etag=etag,
             poll_interval_s=poll,
-            shadow=self._shadow_of(choice.rollout_id),
+            shadow=shadow,
+            statement=self._signer.sign(device_id, order),
+            revocations=revocations,
         )
+
+    @property
+    def revocations(self) -> CurrentRevocations:
+        """The revocation list as of the last generation read."""
+        self.refresh()
+        return self._revocations
 
     def _shadow_of(self, rollout_id: int | None) -> dict[str, Any]:
         """The shadow block of the rollout, else the server's default."""

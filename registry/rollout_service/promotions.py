@@ -24,7 +24,12 @@ from registry.errors import RegistryError
 from registry.mlflow_gateway import MlflowGateway
 from registry.rollout_service.bundles import BundleCatalog
 from registry.rollout_service.db import AliasState, Promotion, transaction, utcnow
-from registry.rollout_service.errors import RolloutServiceError, UpstreamUnavailableError
+from registry.rollout_service.errors import (
+    ConflictError,
+    InvalidRequestError,
+    RolloutServiceError,
+    UpstreamUnavailableError,
+)
 from registry.rollout_service.records import audit, remember_once
 from registry.rollout_service.rollouts import RolloutManager
 from registry.rollout_service.schemas import RolloutCreate, Strategy
@@ -147,7 +152,10 @@ class PromotionWatcher:
             reason=f"{what} (seen by {via})",
         )
         waiting = self._settings.promotion_approval == "required"
-        rollout = self._manager.create(body, actor=ACTOR, waiting=waiting)
+        try:
+            rollout = self._manager.create(body, actor=ACTOR, waiting=waiting)
+        except (ConflictError, InvalidRequestError) as exc:  # an older release, a revoked version
+            return self._refuse(model, label, version, what, str(exc))
         self._record(model, label, version, "rollout", rollout.id, body.reason)
         started = "waits for approval since" if waiting else "started"
         self._tag(model, version, f"rollout {rollout.id} ({rollout.strategy}) {started} {utcnow():%Y-%m-%dT%H:%M:%SZ}")

@@ -51,10 +51,10 @@ def read_generation(session: Session) -> int:
 
 
 def remember_once(session: Session, kind: str, statement: str, keep_s: float, *, what: str) -> None:
-    """Record ``statement`` as used (kept ``keep_s``); 401 when it was used before: a replay."""
+    """Record ``statement`` as used (kept ``keep_s``, then pruned by ``retention.py``); 401 when it was used
+    before: a replay."""
     digest = hashlib.sha256(statement.encode()).hexdigest()
     now = utcnow()
-    session.execute(sa.delete(SeenStatement).where(SeenStatement.expires_at < now))
     if session.get(SeenStatement, (kind, digest)) is not None:
         raise NotAuthenticatedError(f"{what} was used before; a replay is refused")
     session.add(SeenStatement(kind=kind, digest=digest, expires_at=now + timedelta(seconds=keep_s)))
@@ -101,6 +101,8 @@ class RolloutView:
     ab: dict[str, Any] | None
     analysis: dict[str, Any] | None
     shadow: dict[str, Any] | None
+    allow_downgrade: bool
+    force_gates: bool
     current_wave: int
     wave_started_at: datetime | None
     revision: int
@@ -124,6 +126,8 @@ class RolloutView:
             ab=dict(row.ab) if row.ab else None,
             analysis=dict(row.analysis) if row.analysis else None,
             shadow=dict(row.shadow) if row.shadow else None,
+            allow_downgrade=bool(row.allow_downgrade),
+            force_gates=bool(row.force_gates),
             current_wave=row.current_wave,
             wave_started_at=row.wave_started_at,
             revision=row.revision,

@@ -37,6 +37,7 @@ class EventState(StrEnum):
     rolling_back = "rolling_back"
     rolled_back = "rolled_back"
     failed = "failed"
+    stale = "stale"  # the device's latest signed desired state expired: answers withheld or replayed; it serves on
 
 
 class ShadowClassIn(_Body):

@@ -21,8 +21,10 @@ from registry.rollout_service.db import Rollout, transaction, utcnow
 from registry.rollout_service.errors import ConflictError, InvalidRequestError, NotFoundError
 from registry.rollout_service.progress import Decision, RolloutProgress, decide, measure
 from registry.rollout_service.records import DeviceView, RolloutView, audit, bump_generation
+from registry.rollout_service.revocations import NONE_YET, CurrentRevocations
 from registry.rollout_service.schemas import ACTIVE_STATES, RolloutCreate, RolloutState, Strategy, WaveSpec
 from registry.rollout_service.settings import ServiceSettings
+from registry.rollout_service.supersede import audit_superseded, end_active, one_active
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +51,10 @@ class RolloutManager:
         fleet: Callable[[], list[DeviceView]],
         on_change: Callable[[], None] = lambda: None,
         analysis: FleetAnalysis | None = None,
+        revocations: Callable[[], CurrentRevocations] = lambda: NONE_YET,
     ) -> None:
         self._sessions = sessions
+        self._revocations = revocations  # the latest revocation list, cached per state generation
         self._catalog = catalog
         self._settings = settings
         self._fleet = fleet  # every enrolled device, cached per state generation
@@ -86,8 +90,23 @@ class RolloutManager:
         ``waiting``: create it ``waiting_for_approval`` instead; it offers nothing and supersedes nothing until an
         operator approves it (``control(..., "approve")``).
         """
-        self._check_versions(body)
         key = selector_key(body.selector.model_dump())
+        with self._sessions() as session:
+            previous = body.previous_version or self._previous_version(session, body.model, key)
+            # what these devices run, or are being moved to, now: the downgrade check compares with all of it
+            on_devices = {v for v in (previous, *(r.version for r in self._active(session, body.model, key))) if v}
+        self._check_versions(body, previous, on_devices)
+        view = one_active(
+            lambda: self._insert(body, key, actor=actor, waiting=waiting), what=f"rollout of {body.model}"
+        )
+        self._on_change()
+        log.info(
+            "rollout %d created: %s version %s, %s, by %s", view.id, view.model, view.version, view.strategy, actor
+        )
+        return view
+
+    def _insert(self, body: RolloutCreate, key: str, *, actor: str, waiting: bool) -> RolloutView:
+        """One try at ``create``'s transaction: end the active rollouts it reads, then insert the new one."""
         now = utcnow()
         with transaction(self._sessions) as session:
             active = [] if waiting else self._active(session, body.model, key)
@@ -97,13 +116,16 @@ class RolloutManager:
                     f"rollout {ids} of {body.model} is still {active[0].state} for these devices; "
                     "finish it, or pass supersede=true"
                 )
+            end_active(session, active, now=now)  # first: the index admits one active rollout per device set
             row = self._new_row(session, body, key, actor=actor, now=now)
             if waiting:
                 row.state = RolloutState.waiting_for_approval.value
             session.add(row)
             session.flush()
-            for old in active:
-                _supersede(session, old, by=row, actor=actor, now=now)
+            audit_superseded(session, active, by=row.id, actor=actor)
+            orders = [
+                o for o, on in (("downgrade ordered", body.allow_downgrade), ("gates forced", body.force_gates)) if on
+            ]
             audit(
                 session,
                 actor=actor,
@@ -113,25 +135,45 @@ class RolloutManager:
                 version=row.version,
                 reason=f"{row.strategy} rollout"
                 + (", waiting for approval" if waiting else "")
+                + "".join(f", {order} by {actor}" for order in orders)
                 + (f": {body.reason}" if body.reason else ""),
             )
             bump_generation(session)
-            view = RolloutView.of(row)
-        self._on_change()
-        log.info(
-            "rollout %d created: %s version %s, %s, by %s", view.id, view.model, view.version, view.strategy, actor
-        )
-        return view
+            return RolloutView.of(row)
 
-    def _check_versions(self, body: RolloutCreate) -> None:
-        """Every version the rollout names exists (404 otherwise); the new one passed its gates (422 otherwise)."""
+    def _check_versions(self, body: RolloutCreate, previous_version: str | None, on_devices: set[str]) -> None:
+        """Every version the rollout names exists (404 otherwise) and is not revoked (422); the new one and an A/B
+        control passed their gates unless forced (422); the new one is no older a release than any version
+        ``on_devices`` unless a downgrade is ordered (409). ``previous_version`` ran on these devices already (forced,
+        if its gates failed), so a rollback to it needs no new force."""
         new = self._catalog.summary(body.model, body.version)
-        if not new.gates_passed:
-            raise InvalidRequestError(f"version {body.version} of {body.model} did not pass its gates; not rolled out")
-        if body.ab is not None:
-            self._catalog.summary(body.model, body.ab.control_version)
-        if body.previous_version is not None:
-            self._catalog.summary(body.model, body.previous_version)
+        if not new.gates_passed and not body.force_gates:
+            raise InvalidRequestError(
+                f"version {body.version} of {body.model} did not pass its gates; not rolled out "
+                "(force_gates=true rolls it out anyway, recorded, and devices run it on that order only)"
+            )
+        control = body.ab.control_version if body.ab else None
+        if control is not None and not self._catalog.summary(body.model, control).gates_passed and not body.force_gates:
+            raise InvalidRequestError(
+                f"control version {control} of {body.model} did not pass its gates (force_gates=true to order it)"
+            )
+        for version in [body.version] + [v for v in (control, previous_version) if v]:
+            summary = self._catalog.summary(body.model, version)
+            revoked = self._revocations().revocations.entry_for(body.model, summary.manifest_sha256)
+            if revoked is not None:
+                raise InvalidRequestError(
+                    f"version {version} of {body.model} is revoked"
+                    + (f" ({revoked.reason})" if revoked.reason else "")
+                    + "; no rollout may install it"
+                )
+        if on_devices and not body.allow_downgrade:
+            newest = max((self._catalog.summary(body.model, v) for v in on_devices), key=lambda b: b.release_order)
+            if new.release_order < newest.release_order:
+                raise ConflictError(
+                    f"version {body.version} of {body.model} (release {new.release or 'unnumbered'}) is older than "
+                    f"version {newest.version} (release {newest.release}), which these devices run: a downgrade; "
+                    "pass allow_downgrade=true to order it (devices refuse an older release otherwise)"
+                )
 
     @staticmethod
     def _active(session: Session, model: str, key: str) -> list[Rollout]:
@@ -150,6 +192,8 @@ class RolloutManager:
             model=body.model,
             version=body.version,
             previous_version=body.previous_version or self._previous_version(session, body.model, key),
+            allow_downgrade=body.allow_downgrade,
+            force_gates=body.force_gates,
             strategy=body.strategy.value,
             state=RolloutState.running.value,
             selector=body.selector.model_dump(),
@@ -211,8 +255,17 @@ class RolloutManager:
 
     def _approve(self, rollout: RolloutView, *, actor: str, reason: str) -> RolloutView:
         """Start a waiting rollout at its first wave from now, superseding the active ones of its device set."""
+        one_active(lambda: self._start_approved(rollout, actor=actor, reason=reason), what=f"rollout {rollout.id}")
+        self._on_change()
+        log.info("rollout %d approved by %s", rollout.id, actor)
+        return self.get(rollout.id)
+
+    def _start_approved(self, rollout: RolloutView, *, actor: str, reason: str) -> None:
+        """One try at ``_approve``'s transaction: end the active rollouts of its device set, then start it."""
         now = utcnow()
         with transaction(self._sessions) as session:
+            active = self._active(session, rollout.model, rollout.selector_key)
+            end_active(session, active, now=now)  # first: the index admits one active rollout per device set
             done = session.execute(
                 sa.update(Rollout)
                 .where(Rollout.id == rollout.id, Rollout.revision == rollout.revision)
@@ -223,19 +276,12 @@ class RolloutManager:
             )
             if done.rowcount != 1:  # type: ignore[attr-defined]
                 raise ConflictError(f"rollout {rollout.id} changed while it was being approved; try again")
-            row = session.get(Rollout, rollout.id)
-            assert row is not None
-            for old in self._active(session, rollout.model, row.selector_key):
-                if old.id != row.id:
-                    _supersede(session, old, by=row, actor=actor, now=now)
+            audit_superseded(session, active, by=rollout.id, actor=actor)
             audit(
-                session, actor=actor, action="approve", rollout_id=row.id, model=row.model, version=row.version,
-                reason=reason,
+                session, actor=actor, action="approve", rollout_id=rollout.id, model=rollout.model,
+                version=rollout.version, reason=reason,
             )  # fmt: skip
             bump_generation(session)
-        self._on_change()
-        log.info("rollout %d approved by %s", rollout.id, actor)
-        return self.get(rollout.id)
 
     def _transition(
         self,
@@ -329,17 +375,3 @@ class RolloutManager:
         if action == planned.action:
             return Decision(action, f"{planned.reason}; analysis {judgement.reason}")
         return Decision(action, f"analysis of wave {rollout.current_wave + 1}: {judgement.reason}")
-
-
-def _supersede(session: Session, old: Rollout, *, by: Rollout, actor: str, now: datetime) -> None:
-    """End ``old`` because ``by`` replaces it, with its own audit record."""
-    old.state, old.revision, old.updated_at = RolloutState.aborted.value, old.revision + 1, now
-    audit(
-        session,
-        actor=actor,
-        action="superseded",
-        rollout_id=old.id,
-        model=old.model,
-        version=old.version,
-        reason=f"superseded by rollout {by.id}",
-    )

@@ -10,6 +10,8 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 from exporters.fingerprint import Fingerprint, major_minor
+from exporters.revocations import RevokedRelease
+from exporters.signed_documents import SignedDocument
 from registry.rollout_service.analysis.public import AnalysisPublic
 
 DeviceId = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")]
@@ -87,6 +89,10 @@ class DeviceEnrolled(BaseModel):
     device_token: str | None
     poll_interval_s: int
     reason: str = ""
+    state_key: str | None = Field(
+        default=None, description="base64 of the service's ed25519 public key: devices pin it and check every "
+        "desired state against it",
+    )  # fmt: skip
 
 
 class DesiredFile(BaseModel):
@@ -111,6 +117,14 @@ class DesiredState(BaseModel):
     poll_interval_s: int
     shadow: dict[str, Any] | None = Field(
         default=None, description="how the device compares the candidate with the serving model on its own frames"
+    )
+    statement: SignedDocument | None = Field(
+        default=None,
+        description="the choice above as the service vouches for it (exporters.desired_statement), signed with the "
+        "key the device pinned at enrollment; devices act on this, not on the plain fields",
+    )
+    revocations: SignedDocument | None = Field(
+        default=None, description="the latest revocation list, signed with the release key (exporters.revocations)"
     )
 
 
@@ -210,6 +224,16 @@ class RolloutCreate(_Body):
         default=None, description="what rollback returns devices to; default: the version the previous rollout left"
     )
     supersede: bool = Field(default=False, description="end an active rollout of this model for the same devices")
+    allow_downgrade: bool = Field(
+        default=False,
+        description="order devices onto this version even where it is an older release than the one they run "
+        "(signed into their desired state; without it they refuse an older release)",
+    )
+    force_gates: bool = Field(
+        default=False,
+        description="roll out a version whose gates failed (recorded in the audit log and signed into the desired "
+        "state; without it the service refuses such a version and devices refuse its bundle)",
+    )
     reason: ShortText = ""
     analysis: dict[str, Any] | None = Field(
         default=None, description="AnalysisSpec fields that replace the server's defaults (docs/analysis.md)"
@@ -278,6 +302,8 @@ class RolloutPublic(BaseModel):
     selector: Selector
     waves: list[WaveSpec]
     ab: AbSpec | None
+    allow_downgrade: bool = False  # an operator ordered devices onto this version where it is an older release
+    force_gates: bool = False  # an operator rolled this version out although its gates failed
     current_wave: int
     created_by: str
     reason: str
@@ -358,3 +384,14 @@ class Problem(BaseModel):
 
     detail: str
     errors: list[dict[str, Any]] | None = None
+
+
+# -- revocations -------------------------------------------------------------------------------------------------
+
+
+class RevocationsPublic(BaseModel):
+    """The latest revocation list (sequence 0 and nothing revoked before the first)."""
+
+    sequence: int
+    revoked: list[RevokedRelease]
+    signed: SignedDocument | None  # as the release key signed it; what devices are handed

@@ -23,8 +23,11 @@ from registry.rollout_service.identity import DeviceIdentity
 from registry.rollout_service.metrics import ServiceMetrics
 from registry.rollout_service.promotions import PromotionWatcher
 from registry.rollout_service.queries import Queries
+from registry.rollout_service.retention import Retention
+from registry.rollout_service.revocations import RevocationStore
 from registry.rollout_service.rollouts import RolloutManager
 from registry.rollout_service.settings import ServiceSettings
+from registry.rollout_service.state_signing import StateSigner
 
 
 @dataclass
@@ -40,9 +43,12 @@ class Service:
     rollouts: RolloutManager
     promotions: PromotionWatcher
     queries: Queries
+    retention: Retention
     catalog: BundleCatalog
     metrics: ServiceMetrics
     engine: sa.Engine
+    signer: StateSigner
+    revocations: RevocationStore
 
 
 def build_service(settings: ServiceSettings) -> Service:
@@ -52,11 +58,13 @@ def build_service(settings: ServiceSettings) -> Service:
     sessions = session_factory(engine)
     resolver_factory, gateway_factory = _mlflow_factories(settings)
     catalog = BundleCatalog(sessions, resolver_factory, ttl_s=settings.bundle_cache_ttl_s)
-    desired = DesiredIndex(sessions, catalog, settings)
+    signer = StateSigner(settings)
+    desired = DesiredIndex(sessions, catalog, settings, signer)
     analysis = FleetAnalysis(sessions, catalog, settings.analysis, tagger=_fleet_tagger(gateway_factory))
     rollouts = RolloutManager(
-        sessions, catalog, settings, fleet=desired.fleet, on_change=desired.invalidate, analysis=analysis
-    )
+        sessions, catalog, settings, fleet=desired.fleet, on_change=desired.invalidate, analysis=analysis,
+        revocations=lambda: desired.revocations,
+    )  # fmt: skip
     operators = OperatorTokens(sessions, generation=desired.refresh)
     operators.seed(settings.operator_seeds)
     enrollment_tokens = EnrollmentTokens(sessions)
@@ -72,9 +80,12 @@ def build_service(settings: ServiceSettings) -> Service:
         rollouts=rollouts,
         promotions=PromotionWatcher(sessions, catalog, rollouts, gateway_factory, settings),
         queries=Queries(sessions, rollouts),
+        retention=Retention(sessions, settings),
         catalog=catalog,
         metrics=ServiceMetrics(sessions),
         engine=engine,
+        signer=signer,
+        revocations=RevocationStore(sessions, settings, on_change=desired.invalidate),
     )
 
 

@@ -89,6 +89,42 @@ class ServiceSettings(LayeredSettings):
     analysis: AnalysisSpec = Field(default_factory=AnalysisSpec)  # defaults of a rollout's analysis block
     shadow: ShadowSpec = Field(default_factory=ShadowSpec)  # defaults of a rollout's shadow block
     s3_endpoint_url: str | None = None  # for presigned URLs when bundles live in S3 and MLflow does not proxy them
+    # The online key that signs each device's desired state (devices pin its public half when they enroll); made at
+    # first start in data_dir when not given. Every replica must use the same key.
+    state_key_file: Path | None = None
+    # How long a signed desired state holds: a device whose latest one expired reports `stale` (answers withheld).
+    # A fresh one is signed every quarter of this, so a device that polls sees it renewed well before then.
+    desired_state_validity_s: int = Field(default=6 * 3600, ge=5, le=30 * 86400)
+    # The release public key (the one devices check bundles with): revocation lists must verify under it.
+    release_public_key: Path | None = None
+    # Request body limits in bytes, checked before a body is read (api/body_limits.py); a larger body gets 413.
+    # Each is the largest body its schema admits in practice, with room, rounded up to a power of two:
+    # - enrollment (DeviceEnroll): 64 labels of 256 + 256 characters and the rest are 35 KB in ASCII, 100 KB in
+    #   3-byte UTF-8 (the fingerprint is ~0.3 KB) -> 128 KiB.
+    # - reports (DeviceReport): an agent sends at most 200 events a report (edge_agent/reporting.py). 198 events
+    #   with 1000-character reasons, 2 shadow events of 1000 classes and a window of 10,000 classes are 1.4 MB in
+    #   ASCII, 2.9 MB in 3-byte UTF-8; so are the schema's 500 plain events and a window (0.9 / 2.2 MB) -> 4 MiB.
+    #   (500 events each with a 1000-class shadow, the schema's ceiling, would be 217 MB: no agent sends that.)
+    # - rollout creation (RolloutCreate): selector, 20 waves, reason, analysis and shadow blocks: 41 KB in ASCII,
+    #   117 KB in UTF-8 -> 256 KiB.
+    # - MLflow's webhook: an alias event is under 1 KB; a new version's event carries its tags and description
+    #   (ours ~5 KB; MLflow allows 100,000-character tag values) -> 256 KiB. A larger one is refused, and the
+    #   alias poll still sees the promotion.
+    # - everything else (tokens, decisions on devices, a control's 1000-character reason): 64 KiB.
+    max_enroll_bytes: int = Field(default=128 << 10, ge=1024)
+    max_report_bytes: int = Field(default=4 << 20, ge=1024)
+    max_rollout_bytes: int = Field(default=256 << 10, ge=1024)
+    max_webhook_bytes: int = Field(default=256 << 10, ge=1024)
+    max_body_bytes: int = Field(default=64 << 10, ge=1024)
+    # Retention (retention.py): rows older than this many days are deleted by a background loop every
+    # retention_interval_s, at most retention_batch_rows per DELETE; 0 keeps them forever. Telemetry of an active
+    # rollout is kept until the rollout ends. The replay guard's rows go once no replica could accept their
+    # statement again (not a setting: keeping them shorter would let a captured statement be replayed).
+    device_event_retention_days: float = Field(default=90, ge=0)
+    telemetry_retention_days: float = Field(default=30, ge=0)
+    audit_retention_days: float = Field(default=365, ge=0)
+    retention_interval_s: float = Field(default=3600, gt=0)
+    retention_batch_rows: int = Field(default=5000, ge=1, le=1_000_000)
 
     @field_validator("default_waves")
     @classmethod
@@ -134,6 +170,10 @@ class ServiceSettings(LayeredSettings):
         return self
 
     # -- derived ---------------------------------------------------------------------------------------------
+
+    @property
+    def state_key_path(self) -> Path:
+        return self.state_key_file or self.data_dir / "state-key.pem"
 
     @property
     def database(self) -> str:

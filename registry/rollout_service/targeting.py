@@ -47,7 +47,7 @@ def cohort_positions(
         for device in fleet
         if device.enrolled_at <= rollout.created_at
         and matches(rollout.selector, device.labels, device.fingerprint_fields)
-        and variant_to_offer(summary, device.fingerprint, preference).variant is not None
+        and variant_to_offer(summary, device.fingerprint, preference, forced=rollout.force_gates).variant is not None
     ]
     return ranked_positions(rollout.id, members)
 
@@ -62,7 +62,8 @@ def place(
     """The device's placement in ``rollout``; ``positions`` are the rollout's ``cohort_positions``."""
     if not matches(rollout.selector, device.labels, device.fingerprint_fields):
         return NOT_TARGETED
-    new = variant_to_offer(summary_of(rollout.model, rollout.version), device.fingerprint, preference)
+    forced = rollout.force_gates
+    new = variant_to_offer(summary_of(rollout.model, rollout.version), device.fingerprint, preference, forced=forced)
     if new.variant is None:
         return Placement(targeted=True, compatible=False, skip_reason=new.reason)
     wave = 0
@@ -84,5 +85,6 @@ def place(
     control = rollout.control_version
     if control is None:
         return Placement(True, True, None, wave, CONTROL, None, None)
-    old = variant_to_offer(summary_of(rollout.model, control), device.fingerprint, preference)
+    # The control version ran on these devices already (by a force, if its gates failed): offer it as it ran.
+    old = variant_to_offer(summary_of(rollout.model, control), device.fingerprint, preference, forced=True)
     return Placement(True, True, None, wave, CONTROL, control if old.variant else None, old.variant)

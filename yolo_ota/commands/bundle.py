@@ -36,6 +36,18 @@ def parse_imgsz(value: str) -> tuple[int, int]:
     raise fail(f"{value!r} is not an image size: {_IMGSZ_HELP}")
 
 
+ProductLine = Annotated[
+    str | None,
+    typer.Option(help="Product line: the registered model it is for, signed with it (default: MODEL's stem)."),
+]
+Release = Annotated[
+    int | None,
+    typer.Option(
+        min=1, help="Release number, higher than every earlier export of the line (default: UTC YYYYMMDDHHMMSS)."
+    ),
+]
+
+
 def export(
     model: Annotated[str, typer.Argument(help="Ultralytics weights (.pt) or model config (yolov8n.yaml, ...).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Bundle directory to write.")],
@@ -47,7 +59,8 @@ def export(
     latency_budget_ms: Annotated[
         float | None, typer.Option(help="p99 latency budget per forward pass; the latency gate fails above it.")
     ] = None,
-    name: Annotated[str | None, typer.Option(help="Model name in the manifest (default: MODEL's stem).")] = None,
+    name: ProductLine = None,
+    release: Release = None,
     golden_images: Annotated[
         list[Path] | None,
         typer.Option("--golden-image", help="Extra image for the golden data (repeatable): use your own scenes."),
@@ -66,15 +79,9 @@ def export(
     from exporters.export import ExportRequest, export_bundle
 
     settings = load(
-        ExportSettings,
-        config,
-        imgsz=imgsz,
-        variants=variants,
-        batch=batch,
-        latency_budget_ms=latency_budget_ms,
-        noise_inputs=noise_inputs,
-        signing_key=signing_key,
-    )
+        ExportSettings, config, imgsz=imgsz, variants=variants, batch=batch, latency_budget_ms=latency_budget_ms,
+        noise_inputs=noise_inputs, signing_key=signing_key,
+    )  # fmt: skip
     request = ExportRequest(
         model=model,
         out_dir=out,
@@ -83,6 +90,7 @@ def export(
         batch=settings.batch,
         latency_budget_ms=settings.latency_budget_ms,
         name=name,
+        release=release,
         force=force,
         golden_images=tuple(golden_images or ()),
         noise_inputs=settings.noise_inputs,

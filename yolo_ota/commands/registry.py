@@ -31,7 +31,7 @@ MlflowUri = Annotated[
 ]
 
 
-def _gateway(settings: RegistrySettings) -> MlflowGateway:
+def mlflow_gateway(settings: RegistrySettings) -> MlflowGateway:
     from registry.mlflow_gateway import MlflowGateway
 
     gateway = MlflowGateway(settings.mlflow_uri or "")
@@ -44,7 +44,12 @@ def _gateway(settings: RegistrySettings) -> MlflowGateway:
 
 def register(
     bundle: Annotated[Path, typer.Argument(help="Bundle directory to register.")],
-    name: Annotated[str, typer.Option("--name", help="Registered model name (one per product line).")],
+    name: Annotated[
+        str | None,
+        typer.Option(
+            "--name", help="Registered model: the bundle's product line (default: the name it was exported with)."
+        ),
+    ] = None,
     mlflow_uri: MlflowUri = None,
     experiment: Annotated[
         str | None, typer.Option(help="MLflow experiment for the bundle's run (default yolo-ota).")
@@ -66,7 +71,11 @@ def register(
 
             load_verified(bundle)
             sign_bundle(bundle, load_private_key(signing_key))
-        registration = _gateway(settings).register_bundle(bundle, name, experiment=settings.experiment)
+        if name is None:
+            from exporters.bundle import read_manifest
+
+            name = read_manifest(bundle).name
+        registration = mlflow_gateway(settings).register_bundle(bundle, name, experiment=settings.experiment)
     except (ExportError, RegistryError) as exc:
         raise fail(str(exc)) from None
     version = registration.version
@@ -90,7 +99,7 @@ def versions(
 
     settings = load(RegistrySettings, config, mlflow_uri=mlflow_uri)
     try:
-        found = _gateway(settings).list_versions(name)
+        found = mlflow_gateway(settings).list_versions(name)
     except RegistryError as exc:
         raise fail(str(exc)) from None
     table = Table(title=f"Versions of {name}", title_justify="left")
@@ -128,7 +137,7 @@ def promote(
     settings = load(RegistrySettings, config, mlflow_uri=mlflow_uri, promotion_alias=alias)
     chosen = settings.promotion_alias
     try:
-        info = _gateway(settings).promote(name, version, alias=chosen, force=force)
+        info = mlflow_gateway(settings).promote(name, version, alias=chosen, force=force)
     except RegistryError as exc:
         raise fail(str(exc)) from None
     forced = " (forced past failed gates)" if force and info.gates != "pass" else ""

@@ -59,7 +59,8 @@ def export_version(
             out_dir=out_dir,
             imgsz=(imgsz, imgsz),
             variants=VARIANTS,
-            name=f"{model}-{label}",
+            name=model,
+            release=int(label.removeprefix("v")),  # v1 < v2 < v3 < v4: each later one a newer release of the line
             signing_key=signing_key,
             latency_budget_ms=LATENCY_BUDGET_MS,
             thresholds=GateThresholds(warmup_iters=WARMUP_ITERS, timed_iters=TIMED_ITERS),

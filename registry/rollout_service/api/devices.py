@@ -63,13 +63,14 @@ async def desired(device_id: Annotated[DeviceId, Path()], request: Request) -> R
     choice = svc.desired.cached_choice(device_id)
     if choice is None:
         choice = await anyio.to_thread.run_sync(svc.desired.choice, device_id)
+    etag = svc.desired.etag(choice)
     if_none_match = request.headers.get("if-none-match")
-    if if_none_match is not None and choice.etag in _etags(if_none_match):
+    if if_none_match is not None and etag in _etags(if_none_match):
         svc.metrics.polls_304.inc()
-        return Response(status_code=304, headers={"ETag": choice.etag})
-    state = await anyio.to_thread.run_sync(svc.desired.state, choice)
+        return Response(status_code=304, headers={"ETag": etag})
+    state = await anyio.to_thread.run_sync(svc.desired.state, device_id, choice)
     svc.metrics.polls_200.inc()
-    return Response(state.model_dump_json(), media_type="application/json", headers={"ETag": choice.etag})
+    return Response(state.model_dump_json(), media_type="application/json", headers={"ETag": state.etag})
 
 
 @router.post(
@@ -90,6 +91,7 @@ def enroll(body: DeviceEnroll, service: ServiceDep, request: Request, response: 
         device_token=outcome.token,
         poll_interval_s=service.settings.poll_interval_s,
         reason=outcome.reason,
+        state_key=service.signer.public_key,
     )
 
 
