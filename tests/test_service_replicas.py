@@ -173,3 +173,59 @@ def test_a_revocation_a_decommission_and_a_new_token_on_one_replica_hold_on_the_
         on_b.close()
         first.stop()
         second.stop()
+
+
+def test_every_replica_signs_desired_states_with_the_key_devices_pinned(
+    tmp_path: Path, database_url: str, mlflow_server: RunningServer, fleet_model: dict[str, str]
+) -> None:
+    """The first replica makes the service's key and keeps it in the database: a device enrolled through one
+    replica verifies what the other answers. With YOLO_OTA_STATE_KEY_FILE, that file's key signs instead."""
+    from exporters.desired_statement import DesiredStatement
+    from exporters.signed_documents import SignedDocument, open_document, public_key_from_text
+    from exporters.signing import generate_keypair
+
+    idle = {"ALIAS_POLL_INTERVAL_S": "3600"}
+    replicas = [
+        start_rollout_service(tmp_path / n, database_url=database_url, mlflow_url=mlflow_server.url, settings=idle)
+        for n in ("a", "b")
+    ]
+    fleets = [Fleet(r.url) for r in replicas]
+    try:
+        enrolled = fleets[0].http.post("/v1/devices/enroll", json=_enrollment(fleets[0], "pinned-1"))
+        assert enrolled.status_code == 200, enrolled.text
+        pinned = public_key_from_text(enrolled.json()["state_key"])
+        token = enrolled.json()["device_token"]
+        answer = fleets[1].http.get("/v1/devices/pinned-1/desired", headers={"Authorization": f"Bearer {token}"})
+        statement = open_document(pinned, SignedDocument.model_validate(answer.json()["statement"]), DesiredStatement)
+        assert statement.device_id == "pinned-1"
+    finally:
+        for fleet in fleets:
+            fleet.close()
+        for replica in replicas:
+            replica.stop()
+
+    private, _ = generate_keypair(tmp_path / "state-key")
+    settings = {**idle, "STATE_KEY_FILE": str(private)}
+    replica = start_rollout_service(tmp_path / "c", database_url=database_url, mlflow_url=mlflow_server.url,
+                                    settings=settings)  # fmt: skip
+    fleet = Fleet(replica.url)
+    try:
+        enrolled = fleet.http.post("/v1/devices/enroll", json=_enrollment(fleet, "pinned-2"))
+        from exporters.signed_documents import public_key_text
+        from exporters.signing import load_private_key
+
+        assert enrolled.json()["state_key"] == public_key_text(load_private_key(private).public_key())
+        assert enrolled.json()["state_key"] != public_key_text(pinned)
+    finally:
+        fleet.close()
+        replica.stop()
+
+
+def _enrollment(fleet: Fleet, device_id: str) -> dict[str, object]:
+    from fleet import device_fingerprint
+    from servers import ENROLLMENT_TOKEN
+
+    from exporters.device_identity import DeviceKey, enrollment_body
+
+    key = fleet.keys.setdefault(device_id, DeviceKey.generate())
+    return enrollment_body(key, device_id, fingerprint=device_fingerprint(), enrollment_token=ENROLLMENT_TOKEN)

@@ -301,6 +301,17 @@ class BundleRecord(Base):
     resolved_at: Mapped[datetime]
 
 
+class ServiceKey(Base):
+    """The service's own signing key (``state``: desired states), made by the first replica to start, so that every
+    replica signs with the same key; unused when ``YOLO_OTA_STATE_KEY_FILE`` names one."""
+
+    __tablename__ = "service_keys"
+
+    name: Mapped[str] = mapped_column(sa.String(32), primary_key=True)
+    private_pem: Mapped[str] = mapped_column(sa.Text)
+    created_at: Mapped[datetime]
+
+
 class RevocationListRecord(Base):
     """Each revocation list the service was given (``exporters.revocations``), signed by the release key; devices
     get the one with the highest sequence."""

@@ -58,7 +58,7 @@ def build_service(settings: ServiceSettings) -> Service:
     sessions = session_factory(engine)
     resolver_factory, gateway_factory = _mlflow_factories(settings)
     catalog = BundleCatalog(sessions, resolver_factory, ttl_s=settings.bundle_cache_ttl_s)
-    signer = StateSigner(settings)
+    signer = StateSigner(sessions, settings)
     desired = DesiredIndex(sessions, catalog, settings, signer)
     analysis = FleetAnalysis(sessions, catalog, settings.analysis, tagger=_fleet_tagger(gateway_factory))
     rollouts = RolloutManager(

@@ -89,8 +89,8 @@ class ServiceSettings(LayeredSettings):
     analysis: AnalysisSpec = Field(default_factory=AnalysisSpec)  # defaults of a rollout's analysis block
     shadow: ShadowSpec = Field(default_factory=ShadowSpec)  # defaults of a rollout's shadow block
     s3_endpoint_url: str | None = None  # for presigned URLs when bundles live in S3 and MLflow does not proxy them
-    # The online key that signs each device's desired state (devices pin its public half when they enroll); made at
-    # first start in data_dir when not given. Every replica must use the same key.
+    # The online key that signs each device's desired state (devices pin its public half when they enroll); when not
+    # given, the first replica makes one and keeps it in the database, where every replica reads it.
     state_key_file: Path | None = None
     # How long a signed desired state holds: a device whose latest one expired reports `stale` (answers withheld).
     # A fresh one is signed every quarter of this, so a device that polls sees it renewed well before then.
@@ -170,10 +170,6 @@ class ServiceSettings(LayeredSettings):
         return self
 
     # -- derived ---------------------------------------------------------------------------------------------
-
-    @property
-    def state_key_path(self) -> Path:
-        return self.state_key_file or self.data_dir / "state-key.pem"
 
     @property
     def database(self) -> str:

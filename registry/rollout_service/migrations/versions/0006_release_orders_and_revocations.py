@@ -1,4 +1,4 @@
-"""bundle release numbers, operators' downgrade and force orders on rollouts, revocation lists
+"""bundle release numbers, operators' downgrade and force orders on rollouts, revocation lists, the service's key
 
 Revision ID: 0006
 Revises: 0005
@@ -31,9 +31,17 @@ def upgrade() -> None:
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("sequence"),
     )
+    op.create_table(
+        "service_keys",
+        sa.Column("name", sa.String(length=32), nullable=False),
+        sa.Column("private_pem", sa.Text(), nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.PrimaryKeyConstraint("name"),
+    )
 
 
 def downgrade() -> None:
+    op.drop_table("service_keys")
     op.drop_table("revocation_lists")
     with op.batch_alter_table("rollouts", schema=None) as batch_op:
         batch_op.drop_column("force_gates")
