@@ -4,7 +4,8 @@ Edge devices re-run the gates before they swap a bundle in, and watch it once it
 ``yolo-ota demo``) and to test that they refuse or roll back a bad one, one needs bundles that are internally
 consistent (every digest matches, so ``load_verified`` passes) yet wrong in one chosen way: a model that drifts,
 turns to NaN or raises after a number of calls, a slower model, a tighter latency budget, a newer exporting
-torch, a missing or foreign signature, another product line, an older release. Nothing here is used on the normal export path.
+torch, a missing or foreign signature, another product line, an older release. Nothing here is used on the
+normal export path.
 
 ``manifest.gates`` and ``gates_passed`` are never touched: the point is a bundle that *passed* at export. Every
 function rewrites ``manifest.json`` through ``exporters.bundle.write_manifest`` so its bytes stay canonical (what
