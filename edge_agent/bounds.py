@@ -29,7 +29,7 @@ DEFAULT_MAX_BUNDLE_FILES = 64
 
 def clamp_poll_interval_s(asked_s: float, minimum_s: float, maximum_s: float) -> float:
     """The service's poll period within [minimum_s, maximum_s]; logged when it had to be moved."""
-    clamped = float(asked_s)
+    clamped = min(max(float(asked_s), minimum_s), maximum_s)
     if clamped != asked_s:
         log.warning(
             "the service asked for a poll every %s s; polling every %s s (min_poll_interval_s %s, max_poll_interval_s"

@@ -5,6 +5,7 @@ RegistryError                 base of everything this package raises
 ├── RegistryNotFoundError     no such registered model, version or alias
 ├── DuplicateBundleError      the same manifest is already registered (names the version holding it)
 ├── ProductLineMismatchError  a bundle exported for one product line, registered or found under another
+├── ReleaseOrderError         a bundle of an older release than a version of its line registered before
 ├── PromotionRefusedError     the version's gates did not pass and --force was not given
 ├── RegistryRequestError      MLflow refused the request for another reason
 └── ManifestMismatchError     a version's manifest.json differs from its digest tag, or is invalid or unsafe
@@ -39,6 +40,10 @@ class DuplicateBundleError(RegistryError):
 
 class ProductLineMismatchError(RegistryError):
     """A bundle's signed product line (its manifest's ``name``) is not the registered model it is put under."""
+
+
+class ReleaseOrderError(RegistryError):
+    """A bundle whose release number is below one already registered for its line: releases only grow."""
 
 
 class PromotionRefusedError(RegistryError):

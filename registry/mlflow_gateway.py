@@ -31,6 +31,7 @@ from registry.errors import (
     RegistryNotFoundError,
     RegistryRequestError,
     RegistryUnavailableError,
+    ReleaseOrderError,
 )
 
 log = logging.getLogger(__name__)
@@ -233,6 +234,7 @@ class MlflowGateway:
                 f"this bundle (manifest sha256 {digest[:12]}...) is already version {existing.version} of {model}",
                 existing.version,
             )
+        self._check_release_grows(model, manifest.release)
         with _translated(f"registering {bundle_dir} as {model}", self.tracking_uri):
             experiment_id = self._experiment_id(experiment)
             run = self._client.create_run(
@@ -259,6 +261,18 @@ class MlflowGateway:
             )
         log.info("registered %s as %s version %s (run %s)", bundle_dir, model, mv.version, run_id)
         return Registration(version=self._version_info(mv), run_id=run_id, manifest_sha256=digest)
+
+    def _check_release_grows(self, model: str, release: int | None) -> None:
+        """A line's releases only grow with its versions: refuse a bundle older than a version registered before."""
+        releases = [(int(r), v.version) for v in self.list_versions(model) if (r := v.tags.get(ota.RELEASE_TAG))]
+        if not releases:
+            return
+        newest, version = max(releases)
+        if (release or 0) < newest:
+            raise ReleaseOrderError(
+                f"this bundle is release {release or 'unnumbered'}, older than release {newest} (version {version} of "
+                f"{model}): a line's releases only grow; export it again with a higher --release"
+            )
 
     def promote(self, model: str, version: str, *, alias: str = DEFAULT_ALIAS, force: bool = False) -> VersionInfo:
         """Point ``alias`` at ``version``; refuse a version whose gates did not pass unless ``force``."""

@@ -102,13 +102,14 @@ def agent_versions(
     private_key, public_key = generate_keypair(root / "keys")
     other_key, _ = generate_keypair(root / "other-keys")
     built: dict[str, Path] = {}
-    built["good1"] = _variant(trained_bundle, root / "good1", 10_000, private_key)
-    built["good2"] = _variant(trained_bundle, root / "good2", 20_000, private_key)
-    built["good3"] = _variant(trained_bundle, root / "good3", 25_000, private_key)
+    # First: the line's releases only grow as versions are registered (an older release after a newer is refused).
     older = _variant(trained_bundle, root / "older", 15_000, None)
     set_release(older, (read_manifest(older).release or 2) - 1)
     sign(older, private_key)
     built["older"] = older
+    built["good1"] = _variant(trained_bundle, root / "good1", 10_000, private_key)
+    built["good2"] = _variant(trained_bundle, root / "good2", 20_000, private_key)
+    built["good3"] = _variant(trained_bundle, root / "good3", 25_000, private_key)
     built["failed_gates"] = _failed_at_export(trained_detector, trained_bundle, root / "failed_gates", private_key)
     shifted_dir = _variant(trained_bundle, root / "shifted", 10_000, None)
     replace_variant(shifted_dir, shifted(load_variant(shifted_dir), 24.0))

@@ -11,8 +11,8 @@ import httpx
 import pytest
 import torch
 
-from exporters.bundle import MANIFEST_NAME
-from exporters.drills import set_product_line
+from exporters.bundle import MANIFEST_NAME, read_manifest
+from exporters.drills import set_latency_budget, set_product_line, set_release
 from exporters.export import ExportRequest, export_bundle
 from registry.errors import DuplicateBundleError, PromotionRefusedError, RegistryUnavailableError
 from registry.mlflow_gateway import MlflowGateway
@@ -105,6 +105,23 @@ def test_a_bundle_is_registered_under_its_own_product_line_only(mlflow_server: R
         f"{mlflow_server.url}/api/2.0/mlflow/model-versions/search", params={"filter": "name='pcb-line-b'"}, timeout=10
     )
     assert response.status_code == 200 and not response.json().get("model_versions"), response.text
+
+
+def test_a_lines_releases_only_grow(mlflow_server: RunningServer, line_bundle, cli, tmp_path: Path) -> None:
+    """A version is never an older release than one registered before it (``--release`` set by hand, an old bundle
+    registered again): a device would refuse it as a downgrade anyway."""
+    bundle = line_bundle("pcb-releases")
+    assert cli("register", str(bundle), "--tracking-uri", mlflow_server.url).returncode == 0
+    older = tmp_path / "older"
+    shutil.copytree(bundle, older)
+    release = read_manifest(bundle).release
+    assert release is not None
+    set_release(older, release - 1)
+    done = cli("register", str(older), "--tracking-uri", mlflow_server.url)
+    assert f"older than release {release} (version 1 of pcb-releases)" in _one_line_error(done)
+    set_release(older, release)  # the same release again (another export of it) is no downgrade
+    set_latency_budget(older, 9_000)  # a distinct manifest: the registry refuses duplicates
+    assert cli("register", str(older), "--tracking-uri", mlflow_server.url).returncode == 0
 
 
 def test_tampered_bundle_is_refused_at_register(mlflow_server: RunningServer, bundle_copy: Path, cli) -> None:
