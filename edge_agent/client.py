@@ -111,9 +111,6 @@ class ServiceClient:
     def _authorized(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         if self._load_token() is None:
             self.enroll()
-        elif self._trust.pinned is None and not self._adopt_key:
-            # A token from before desired states were signed: enrolling again (same key) names the service's key.
-            self.enroll()
         elif self._adopt_key:
             self._adopt_key = False
             try:

@@ -73,6 +73,7 @@ class DesiredState(_Answer):
     # above that it covers from it, and sets the two orders below from it alone.
     statement: SignedDocument | None = None
     revocations: SignedDocument | None = None  # the latest revocation list, signed with the release key
+    state_key: str | None = Field(default=None, max_length=64)  # pinned from here only when none is pinned yet
     downgrade: bool = False  # an operator ordered this version even where it is an older release than the one here
     force_gates: bool = False  # an operator rolled this version out although its gates failed
 

@@ -1,7 +1,8 @@
 """What the agent holds of the service's word, and the checks every poll answer goes through before it is acted on.
 
-- **The service's key.** The agent pins the key the service signs desired states with when it enrolls (or takes
-  it from the ``service_key`` setting, and then refuses any other). From then on it acts only on answers whose
+- **The service's key.** The agent pins the key the service signs desired states with when it enrolls (or, given
+  its token out of band or enrolled before states were signed, from its first answer; or takes it from the
+  ``service_key`` setting, and then refuses any other). From then on it acts only on answers whose
   statement (``exporters.desired_statement``) that key signed: whoever else answers a poll on the network can
   change URLs, not what the device runs.
 - **The statement's checks**, in order: signed by the pinned key, for this device, of a generation no lower than
@@ -142,8 +143,12 @@ class Trust:
         )
 
     def _check(self, answer: DesiredState, now: float) -> DesiredStatement:
+        if self._saved.state_key is None and answer.state_key is not None:
+            # A device given its token out of band, or enrolled before states were signed: its first answer, on
+            # its own token, names the key (trust on first use, as an enrollment answer would).
+            self.pin(answer.state_key)
         if self._saved.state_key is None:
-            raise DesiredStateRefused("no service key is pinned here yet: the agent enrolls to pin it")
+            raise DesiredStateRefused("no service key is pinned here, and the answer names none")
         if answer.statement is None:
             raise DesiredStateRefused("the answer carries no signed statement: not acted on")
         try:

@@ -228,6 +228,7 @@ class DesiredIndex:
                 poll_interval_s=poll,
                 statement=statement,
                 revocations=revocations,
+                state_key=self._signer.public_key,
             )
         resolved = self._catalog.resolve(choice.model, choice.version)
         variants = resolved.manifest.variants
@@ -258,6 +259,7 @@ class DesiredIndex:
             shadow=shadow,
             statement=self._signer.sign(device_id, order),
             revocations=revocations,
+            state_key=self._signer.public_key,
         )
 
     @property
