@@ -104,7 +104,7 @@ def test_a_person_decides_on_keys_and_promotions_from_the_dashboard(
     assert "approve" in [e["action"] for e in fleet.audit(waiting["id"])]
 
     # A read-only token sees the buttons, and the service's refusal when one is pressed.
-    mlflow_client(mlflow_server).set_registered_model_alias(MODEL, "production", fleet_model["good"])
+    mlflow_client(mlflow_server).set_registered_model_alias(MODEL, "production", fleet_model["newest"])
     second = fleet.wait_for(
         "the next waiting promotion",
         lambda: [r for r in fleet.op("GET", "/v1/rollouts")["rollouts"] if r["state"] == "waiting_for_approval"],

@@ -173,9 +173,9 @@ def test_an_older_release_needs_an_operators_order(agent_stack: AgentStack, tmp_
         finally:
             site.stop()
         # With the order, signed into the desired state, the device takes it.
-        stack.roll_out("older", "older", allow_downgrade=True)
+        ordered = stack.roll_out("older", "older", allow_downgrade=True)
         agent.wait_serving(older)
-        assert "downgrade ordered by operator:tester" in stack.fleet.audit()[-1]["reason"]
+        assert "downgrade ordered by operator:tester" in stack.fleet.audit(ordered["id"])[0]["reason"]
     finally:
         agent.stop()
 

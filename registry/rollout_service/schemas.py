@@ -126,10 +126,7 @@ class DesiredState(BaseModel):
     revocations: SignedDocument | None = Field(
         default=None, description="the latest revocation list, signed with the release key (exporters.revocations)"
     )
-    state_key: str | None = Field(
-        default=None, description="base64 of the key the statement is signed with; a device that has pinned none "
-        "(provisioned with a token, or enrolled before states were signed) pins it from its first answer",
-    )  # fmt: skip
+    state_key: str | None = Field(default=None, description="the statement's key (base64), if none is pinned yet")
 
 
 class DeviceEventPublic(BaseModel):
