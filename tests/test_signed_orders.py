@@ -128,6 +128,11 @@ def test_one_versions_manifest_with_anothers_answer_is_refused(agent_stack: Agen
 
         plain = Rewrite(f"/v1/devices/{agent.device_id}/desired", rewrite_json(good1_digest_in_plain_field))
         stack.service_proxy.add_rule(plain)
+        # The service has read good2's manifest (the check below resolves it): the rule then reaches the device only.
+        good2 = stack.versions["good2"]
+        stack.fleet.op(
+            "GET", f"/v1/devices/{agent.device_id}", params={"model": stack.versions.model, "version": good2}
+        )
         stack.mlflow_proxy.add_rule(Rewrite(MANIFEST_NAME, lambda _body: good1_manifest))
         refused(stack, agent, "good2", "the service vouches for")
     finally:
