@@ -46,12 +46,15 @@ from edge_agent.micro_batcher import MicroBatcher
 from edge_agent.runtime import load_model
 from exporters.bundle import Manifest, read_manifest
 from exporters.export import ExportRequest, export_bundle
+from exporters.formats import all_variants
 from exporters.gates import first_tensor
 from exporters.postprocess import Detections
 from exporters.preprocess import letterbox, read_image, to_input_array
+from exporters.variant_export import parse_formats
 
 Forward = Callable[[torch.Tensor], object]
 DEVICE_VARIANTS = {"cuda": ("cuda-fp32", "cuda-fp16"), "cpu": ("cpu-fp32",)}
+ULTRALYTICS_LOADS = ("torchscript", "onnx")  # formats ``YOLO(file)`` reads (it has no AOTInductor loader)
 
 
 def _images() -> list[np.ndarray]:
@@ -114,6 +117,10 @@ def bench_variant(
         "device pipeline": lambda i: plain.detect(images[i % len(images)]),
         "device pipeline + CUDA graph": lambda i: graph.detect(images[i % len(images)]),
     }
+    spec = all_variants(bundle, manifest)[variant]
+    if spec.format in ULTRALYTICS_LOADS:
+        predict = _ultralytics_predict(bundle / spec.path, device, spec.dtype == "float16")
+        paths["Ultralytics YOLO(file).predict"] = lambda i: predict(images[i % len(images)])
     print(f"{variant}: timing {len(paths)} paths, {args.iters} interleaved rounds ...", flush=True)
     timings = _time_interleaved(paths, args.iters, args.warmup)
     rows = [{"variant": variant, "path": name, **_summary(values)} for name, values in timings.items()]
@@ -121,6 +128,23 @@ def bench_variant(
     if graph.graph is not None and not graph.captured:
         rows[-1]["fallback_reason"] = graph.graph.fallback_reason
     return rows, graph
+
+
+def _ultralytics_predict(path: Path, device: str, half: bool) -> Callable[[np.ndarray], object]:
+    """``YOLO(path).predict`` on one BGR image, on ``device``; torch's CPU thread count kept (Ultralytics sets it)."""
+    from ultralytics import YOLO
+
+    threads = torch.get_num_threads()
+    model = YOLO(str(path), task="detect")
+
+    def predict(image: np.ndarray) -> object:
+        result = model.predict(image, device="0" if device == "cuda" else "cpu", half=half, verbose=False)
+        _synchronize(device)
+        return result
+
+    predict(np.full((64, 64, 3), 114, dtype=np.uint8))  # sets up its predictor (and the thread count)
+    torch.set_num_threads(threads)
+    return predict
 
 
 def _batch_runs_like_singles(batched: DevicePipeline, single: DevicePipeline, images: list[np.ndarray]) -> bool:
@@ -216,8 +240,15 @@ def bench_cameras(
 
 def _export(args: argparse.Namespace, out: Path) -> Path:
     variants = DEVICE_VARIANTS[args.device]
-    print(f"exporting {args.model} at {args.imgsz} px ({', '.join(variants)}) ...", flush=True)
-    export_bundle(ExportRequest(model=args.model, out_dir=out, imgsz=(args.imgsz, args.imgsz), variants=variants))
+    formats = parse_formats(args.formats)
+    print(f"exporting {args.model} at {args.imgsz} px ({', '.join(variants)}; {', '.join(formats)}) ...", flush=True)
+    result = export_bundle(
+        ExportRequest(model=args.model, out_dir=out, imgsz=(args.imgsz, args.imgsz), variants=variants,
+                      formats=formats),
+        progress=lambda line: print(f"  {line}", flush=True),
+    )  # fmt: skip
+    for name, reason in result.manifest.skipped_variants.items():
+        print(f"  skipped {name}: {reason}", flush=True)
     return out
 
 
@@ -270,6 +301,7 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--cameras", type=int, default=4)
     parser.add_argument("--frames", type=int, default=100, help="detections per camera")
     parser.add_argument("--max-wait-ms", type=float, default=1.5)
+    parser.add_argument("--formats", default="torchscript,aoti,onnx", help="formats to export (without --bundle)")
     parser.add_argument("--out", type=Path, required=True, help="JSON results")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -283,9 +315,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="yolo-ota-gpu-serve-") as tmp:
         bundle = args.bundle or _export(args, Path(tmp) / "bundle")
         manifest = read_manifest(bundle)
-        variants = [name for name in DEVICE_VARIANTS[args.device] if name in manifest.variants]
+        every = all_variants(bundle, manifest)
+        variants = sorted(name for name, v in every.items() if v.device == args.device)
         if not variants:
-            raise SystemExit(f"{bundle} has no {args.device} variant (it has {', '.join(manifest.variants)})")
+            raise SystemExit(f"{bundle} has no {args.device} variant (it has {', '.join(every)})")
         latency: list[dict[str, Any]] = []
         cameras: list[dict[str, Any]] = []
         for variant in variants:

@@ -81,7 +81,7 @@ class Agent:
             StateStore(settings.data_dir), self.reporter, pause_on_enter=settings.pause_on_enter, stop=self._stop
         )
         self.loader = ModelLoader(self.store, self.journal, settings.device)
-        self.runtime.cpu_fallback = self.loader.cpu_fallback
+        self.runtime.fallback = self.loader.run_time_fallback
         self.probation = Probation(self.runtime, settings, self._stop)
         self.downloader = Downloader(
             attempts=settings.download_attempts,
@@ -170,6 +170,7 @@ class Agent:
             "state": st.state.value,
             "reason": st.reason,
             "serving": _describe(self.runtime.serving),
+            "variant_choice": self._variant_choice(),
             "standby": _describe(self.runtime.standby),
             "last_known_good": {"model": st.serving_model, "version": st.serving_version},
             "target": {"model": st.target_model, "version": st.target_version} if st.target_version else None,
@@ -183,6 +184,14 @@ class Agent:
             "release_signatures": self.unsigned_note or "required (release public key configured)",
             "trust": self.trust.status(),
         }
+
+    def _variant_choice(self) -> dict[str, Any] | None:
+        """Why the serving version runs the variant it runs, as its validation here decided."""
+        serving = self.runtime.serving
+        record = self.store.installed(serving.model, serving.version) if serving is not None else None
+        if record is None or record.variant_choice is None:
+            return None
+        return {**record.variant_choice.model_dump(mode="json"), "summary": record.variant_choice.summary()}
 
     def _observe(self, inference: Inference) -> None:
         self.telemetry.observe(inference)

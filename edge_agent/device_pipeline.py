@@ -26,10 +26,11 @@ from edge_agent.device_decode import decode_on_device
 from edge_agent.device_letterbox import ImageUploader, letterbox_on_device
 from edge_agent.errors import ModelOutputError
 from exporters.bundle import Manifest, safe_join
+from exporters.formats import all_variants
 from exporters.gates import first_tensor
 from exporters.postprocess import Detections
 from exporters.preprocess import LetterboxInfo, scale_boxes_to_original
-from exporters.runtime import load_torchscript
+from exporters.runners import load_runner
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
@@ -81,10 +82,10 @@ class DevicePipeline:
     def from_bundle(
         cls, directory: Path, manifest: Manifest, variant: str, *, cuda_graph: bool = True
     ) -> DevicePipeline:
-        """Load ``variant`` of a verified bundle onto its device (``cuda:0`` for a ``cuda-*`` variant)."""
-        spec = manifest.variants[variant]
+        """Load ``variant`` (any format) of a verified bundle onto its device (``cuda:0`` for a ``cuda-*`` one)."""
+        spec = all_variants(directory, manifest)[variant]
         device = "cuda:0" if spec.device == "cuda" else "cpu"
-        module = load_torchscript(safe_join(directory, spec.path), device)
+        module = load_runner(safe_join(directory, spec.path), spec)
         thresholds = manifest.thresholds
         return cls(
             module,

@@ -20,7 +20,7 @@ import logging
 import shutil
 import threading
 import time
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -32,6 +32,7 @@ from edge_agent.protocol import DesiredFile, DesiredState
 from exporters.bundle import MANIFEST_NAME, SIGNATURE_NAME, safe_join, sha256_file
 from exporters.errors import UnsafePathError, one_line
 from exporters.files import atomic_write, commit_file
+from exporters.formats import FORMATS_NAME
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,9 @@ _MAX_MANIFEST_BYTES = 16 << 20
 DIGEST_RETRIES = 2  # a file that arrives altered twice is refused, not fetched forever
 MAX_REDIRECTS = 5  # within one origin
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+Selector = Callable[[Path], set[str]]  # staging folder -> the offered paths to fetch
 
 
 def staged_path(staging: Path, relative: str) -> Path:
@@ -105,23 +109,30 @@ class Downloader:
     def close(self) -> None:
         self._http.close()
 
-    def fetch(self, desired: DesiredState, staging: Path) -> None:
-        """Stage every file of ``desired`` under ``staging``; raises ``UpdateRejected`` or ``DownloadFailed``."""
+    def fetch(self, desired: DesiredState, staging: Path, select: Selector | None = None) -> None:
+        """Stage the files of ``desired`` under ``staging``; raises ``UpdateRejected`` or ``DownloadFailed``.
+
+        ``select``, called once ``manifest.json`` and ``formats.json`` are staged, names the offered files to
+        fetch (the variants this device can run); the others are not downloaded. Default: every file.
+        """
         if desired.manifest_url is None or desired.manifest_sha256 is None:
             raise VerificationFailed("the desired state names no manifest or manifest digest")
         check_offer(desired, max_bundle_bytes=self._max_bundle_bytes, max_bundle_files=self._max_bundle_files)
         targets = [(f, staged_path(staging, f.path)) for f in desired.files]  # refuse before writing anything
         try:
-            self._fetch_all(desired, staging, targets)
+            self._fetch_all(desired, staging, targets, select)
         except OSError as exc:
             if exc.errno not in _DISK_FULL:
                 raise
             raise DiskSpaceError(f"the disk is full ({_errno_name(exc)}) writing into {staging}") from None
 
-    def _fetch_all(self, desired: DesiredState, staging: Path, targets: list[tuple[DesiredFile, Path]]) -> None:
+    def _fetch_all(
+        self, desired: DesiredState, staging: Path, targets: list[tuple[DesiredFile, Path]], select: Selector | None
+    ) -> None:
         assert desired.manifest_url is not None and desired.manifest_sha256 is not None
         staging.mkdir(parents=True, exist_ok=True)
-        self._check_space(staging, targets)
+        if select is None:  # every offered file is needed: refuse before writing anything
+            self._check_space(staging, targets)
         manifest = self._small(desired.manifest_url, "manifest")
         digest = hashlib.sha256(manifest).hexdigest()
         if digest != desired.manifest_sha256:
@@ -135,7 +146,17 @@ class Downloader:
             atomic_write(signature, self._small(desired.signature_url, "signature"))
         else:
             signature.unlink(missing_ok=True)
-        total = sum(f.bytes for f in desired.files)
+        if select is not None:
+            for entry, path in targets:
+                if entry.path == FORMATS_NAME:  # small, and it says which variant files this device needs
+                    self._fetch_file(entry, path)
+            wanted = select(staging)
+            skipped = [entry.path for entry, _ in targets if entry.path not in wanted]
+            if skipped:
+                log.info("not downloading %s: this device does not run them", ", ".join(sorted(skipped)))
+            targets = [(entry, path) for entry, path in targets if entry.path in wanted]
+            self._check_space(staging, targets)
+        total = sum(entry.bytes for entry, _ in targets)
         log.info("downloading %s v%s: %d files, %.1f MB", desired.model, desired.version, len(targets), total / 1e6)
         for entry, path in targets:
             self._fetch_file(entry, path)

@@ -4,7 +4,7 @@ A request reads ``self._serving`` once and runs start to finish on that model, s
 changes the model under a request that has started; the old model is freed when its last request ends. During
 probation the previous model stays loaded as the *standby*: a request that fails on the new model is answered
 by the standby instead, so clients see no failure while the agent decides to roll back. A CUDA failure at run
-time moves serving to the version's CPU variant.
+time moves serving to the version's next variant (AOTInductor -> TorchScript -> ``cpu-fp32``).
 """
 
 from __future__ import annotations
@@ -23,10 +23,11 @@ from edge_agent.errors import ModelOutputError, NoModelError
 from edge_agent.frames import FrameRing
 from edge_agent.image_limits import check_pixels
 from exporters.bundle import Manifest, safe_join
+from exporters.formats import all_variants
 from exporters.gates import first_tensor
 from exporters.postprocess import Detections, decode
 from exporters.preprocess import decode_image_bytes, letterbox, scale_boxes_to_original, to_input_array
-from exporters.runtime import load_torchscript
+from exporters.runners import Runner, load_runner
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ class LoadedModel:
     variant: str
     device: str
     dtype: torch.dtype
-    module: torch.jit.ScriptModule
+    module: Runner  # any format's model, called like a torch module (``exporters.runners``)
     manifest: Manifest
     directory: Path
     lock: threading.Lock = field(default_factory=threading.Lock)  # one forward at a time per model
@@ -127,9 +128,9 @@ def load_model(directory: Path, manifest: Manifest, variant: str, *, model: str,
 
     ``model`` is the registered model's name (the manifest's own name is the exporter's).
     """
-    spec = manifest.variants[variant]
+    spec = all_variants(directory, manifest)[variant]
     device = "cuda:0" if spec.device == "cuda" else "cpu"
-    module = load_torchscript(safe_join(directory, spec.path), device)
+    module = load_runner(safe_join(directory, spec.path), spec)
     loaded = LoadedModel(
         model=model,
         version=version,
@@ -165,7 +166,8 @@ class InferenceRuntime:
         self._standby: LoadedModel | None = None
         self._observer = observer or (lambda _inference: None)
         self._swap_lock = threading.Lock()
-        self.cpu_fallback: Callable[[LoadedModel], LoadedModel | None] | None = None
+        # The same version's next variant after one fails at run time (``ModelLoader.run_time_fallback``).
+        self.fallback: Callable[[LoadedModel], LoadedModel | None] | None = None
 
     @property
     def serving(self) -> LoadedModel | None:
@@ -247,15 +249,15 @@ class InferenceRuntime:
         )
 
     def _backup_for(self, failed: LoadedModel, exc: BaseException) -> LoadedModel | None:
-        """The model to answer with after ``failed`` raised: the standby, or the CPU variant after a CUDA error."""
+        """The model to answer with after ``failed`` raised: the standby, else the version's next variant."""
         if failed is self._serving and self._standby is not None:
             log.warning("%s failed a request (%s): answered by %s", failed.label, exc, self._standby.label)
             return self._standby
-        if failed.device.startswith("cuda") and self.cpu_fallback is not None:
+        if self.fallback is not None:
             with self._swap_lock:
                 if self._serving is not failed:  # another request already moved on
                     return self._serving
-                replacement = self.cpu_fallback(failed)
+                replacement = self.fallback(failed)
                 if replacement is not None:
                     self._serving = replacement
             return replacement

@@ -18,6 +18,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from edge_agent.protocol import DesiredState
+from edge_agent.variant_choice import VariantChoice
 from exporters.files import atomic_write
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ class Installed(BaseModel):
     installed_seq: int = 0
     validated_on: str | None = None  # the device's fingerprint summary when it validated here
     committed_here: bool = False  # it served here and passed its probation
+    variant_choice: VariantChoice | None = None  # why ``variant`` and not the others (None: before formats)
 
 
 def _name(text: str) -> str:

@@ -15,7 +15,14 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edge_agent.download import Downloader
-from edge_agent.errors import AgentError, DiskSpaceError, ProbationFailed, ShadowFailed, UpdateRejected
+from edge_agent.errors import (
+    AgentError,
+    DiskSpaceError,
+    ProbationFailed,
+    ShadowFailed,
+    UpdateRejected,
+    ValidationFailed,
+)
 from edge_agent.journal import Journal
 from edge_agent.loading import ModelLoader
 from edge_agent.probation import Probation
@@ -31,7 +38,8 @@ from edge_agent.store import Installed, VersionStore
 from edge_agent.telemetry import Telemetry
 from edge_agent.trust import Trust
 from edge_agent.validation import validate
-from edge_agent.verify import check_fingerprint, variant_to_load, verify_staged
+from edge_agent.variant_choice import Candidates, VariantResult, choose
+from edge_agent.verify import check_runnable, files_to_fetch, verify_staged
 from exporters.bundle import read_manifest
 from exporters.errors import ExportError, one_line
 from exporters.fingerprint import Fingerprint
@@ -159,57 +167,69 @@ class Updates:
         st = self.journal.state
         assert offer is not None and st.target_model is not None and st.target_version is not None
         if not self.store.seed_staging(st.target_model, st.target_version, st.target_key or ""):
-            self.downloader.fetch(offer, self.store.staging(st.target_model, st.target_version))
+            self.downloader.fetch(
+                offer,
+                self.store.staging(st.target_model, st.target_version),
+                select=lambda staging: self._files_to_fetch(staging, offer)[0],
+            )
         self.journal.advance(Event.done)
+
+    def _files_to_fetch(self, staging: Path, offer: DesiredState) -> tuple[set[str], Candidates]:
+        return files_to_fetch(staging, offer, self.fingerprint, self.settings.device)
 
     def verify(self, offer: DesiredState | None) -> None:
         st = self.journal.state
         assert offer is not None and st.target_model is not None and st.target_version is not None
-        manifest = verify_staged(self.store.staging(st.target_model, st.target_version), offer, self.public_key)
+        staging = self.store.staging(st.target_model, st.target_version)
+        fetched, found = self._files_to_fetch(staging, offer)
+        manifest = verify_staged(staging, offer, self.public_key, fetched)
         serving = self.runtime.serving
         revoked = self.trust.revoked(offer.model or "", offer.manifest_sha256 or "")
         check_release(
             manifest, offer, serving=read_manifest(serving.directory) if serving is not None else None,
             revoked_reason=revoked.reason if revoked is not None else None,
         )  # fmt: skip
-        variant, _ = variant_to_load(manifest, {f.path for f in offer.files}, offer.variant, self.settings.device)
-        check_fingerprint(manifest, self.fingerprint, variant)
+        check_runnable(found)
         self.journal.advance(Event.done)
 
     def validate(self, offer: DesiredState | None) -> None:
         st = self.journal.state
         assert offer is not None and st.target_model is not None and st.target_version is not None
         staging = self.store.staging(st.target_model, st.target_version)
-        manifest = read_manifest(staging)
-        variant, note = variant_to_load(manifest, {f.path for f in offer.files}, offer.variant, self.settings.device)
-        if note:
-            self.journal.emit_step(reason=f"fallback: {note}")
         where = self.fingerprint.summary()
         before = self.store.installed(st.target_model, st.target_version)
-        if before and before.key == st.target_key and before.variant == variant and before.validated_on == where:
-            # The same bundle, variant and device passed here already (an A/B arm or a rollback brings it back):
-            # its files were verified again a step ago, and a second run would measure the same thing. The shadow
+        if before and before.key == st.target_key and before.validated_on == where:
+            # The same bundle passed here already on this device (an A/B arm or a rollback brings it back): its
+            # files were verified again a step ago, and a second run would measure the same thing. The shadow
             # comparison runs again (it is against whatever serves now) unless this version has served these
             # frames here and passed its probation: then the line's own traffic has judged it already, and a
             # rollback to it must not wait on a comparison with the version being left.
             if before.committed_here:
                 self._shadow_done(*skipped("this version served here and passed its probation before"))
             else:
-                self.shadow(offer, staging, variant)
+                self.shadow(offer, staging, before.variant)
             self.store.install(st.target_model, st.target_version, before)
             p99 = f"p99 {before.p99_ms:.1f} ms" if before.p99_ms is not None else "no p99"
             self.journal.advance(Event.done, reason=f"validated here before ({p99}); not run again")
             return
+        _, found = self._files_to_fetch(staging, offer)
         s = self.settings
-        result = validate(staging, variant, headroom=s.memory_headroom, nice=s.validation_nice,
-                          timeout_s=s.validation_timeout_s, stop=self._stop)  # fmt: skip
-        self.shadow(offer, staging, variant)
+        results = validate(staging, [v.name for v in found.runnable], headroom=s.memory_headroom,
+                           nice=s.validation_nice, timeout_s=s.validation_timeout_s, stop=self._stop)  # fmt: skip
+        choice = choose([VariantResult(variant=r.variant, passed=r.passed, p50_ms=r.p50_ms, p99_ms=r.p99_ms,
+                                       detail=r.detail) for r in results], found.refused)  # fmt: skip
+        if choice is None:
+            failures = "; ".join(f"{r.variant}: {r.detail}" for r in results)
+            raise ValidationFailed(f"no variant passed validation on this device: {failures}")
+        chosen = next(r for r in results if r.variant == choice.chosen)
+        log.info("%s v%s: %s", st.target_model, st.target_version, choice.summary())
+        self.shadow(offer, staging, choice.chosen)
         record = Installed(
-            model=st.target_model, version=st.target_version, key=st.target_key or "", variant=variant,
-            p99_ms=result.p99_ms, validated_on=where,
+            model=st.target_model, version=st.target_version, key=st.target_key or "", variant=choice.chosen,
+            p99_ms=chosen.p99_ms, validated_on=where, variant_choice=choice,
         )  # fmt: skip
         self.store.install(st.target_model, st.target_version, record)
-        self.journal.advance(Event.done, reason=result.detail)
+        self.journal.advance(Event.done, reason=f"{chosen.detail}; {choice.summary()}")
 
     def shadow(self, offer: DesiredState, staging: Path, variant: str) -> None:
         """Part of the validating step, after the gates: compare the candidate with the serving model on live

@@ -1,9 +1,10 @@
 """Validating a staged version on this device before any swap, in a child process.
 
-The child (``python -m edge_agent.validation``) loads the chosen variant with ``map_location``, runs the shared
-gate code (``exporters.local_gate.gate_variant``: raw and detection parity on ``golden.npz``, latency against the
-manifest's budget) and checks memory headroom. It runs at a lower CPU priority (``edge_agent.child``) so that the
-model serving requests keeps the processor, and a model that crashes the interpreter takes only the child with it.
+The child (``python -m edge_agent.validation``) loads each candidate variant in turn (any format:
+``exporters.runners``), runs the shared gate code (``exporters.local_gate.gate_variant``: raw and detection
+parity on ``golden.npz``, latency against the manifest's budget) and checks memory headroom. It runs at a lower
+CPU priority (``edge_agent.child``) so that the model serving requests keeps the processor, and a model that
+crashes the interpreter takes only the child with it.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ RESULT_FILE = "validation.json"
 
 
 class ValidationResult(BaseModel):
-    """What validation found; saved next to the installed version."""
+    """What validation found for one variant."""
 
     variant: str
     device: str
@@ -42,34 +43,41 @@ class ValidationResult(BaseModel):
     memory_free_fraction: float | None = None
 
 
+class ValidationResults(BaseModel):
+    """What the child writes: one result per variant, in the order asked."""
+
+    results: list[ValidationResult]
+
+
 def validate(
     bundle_dir: Path,
-    variant: str,
+    variants: list[str],
     *,
     headroom: float,
     nice: int,
     timeout_s: float,
     stop: threading.Event | None = None,
-) -> ValidationResult:
-    """Validate ``variant`` of the staged bundle in a child process; ``ValidationFailed`` when it does not pass.
+) -> list[ValidationResult]:
+    """Validate each of ``variants`` of the staged bundle in one child process; every result, passed or not.
 
-    ``stop`` set while the child runs kills it and raises the retryable ``ValidationInterrupted``: the saved
-    state still says validating, so the next start validates again.
+    ``timeout_s`` is per variant. ``ValidationFailed`` when the child crashes or overruns; ``stop`` set while the
+    child runs kills it and raises the retryable ``ValidationInterrupted``: the saved state still says
+    validating, so the next start validates again.
     """
     out = bundle_dir / RESULT_FILE
     out.unlink(missing_ok=True)
-    args = [str(bundle_dir), variant, "--headroom", str(headroom), "--nice", str(nice), "--out", str(out)]
-    log.info("validating %s in %s (nice %d)", variant, bundle_dir, nice)
+    args = [str(bundle_dir), *variants, "--headroom", str(headroom), "--nice", str(nice), "--out", str(out)]
+    what = f"validation of {', '.join(variants)}"
+    log.info("validating %s in %s (nice %d)", ", ".join(variants), bundle_dir, nice)
     child_log = bundle_dir / "validation.log"
-    code = run_child("edge_agent.validation", args, log_path=child_log, timeout_s=timeout_s, stop=stop,
-                     on_timeout=ValidationFailed, what=f"validation of {variant}")  # fmt: skip
+    code = run_child("edge_agent.validation", args, log_path=child_log, timeout_s=timeout_s * len(variants),
+                     stop=stop, on_timeout=ValidationFailed, what=what)  # fmt: skip
     if not out.is_file():
-        raise ValidationFailed(f"validation of {variant} crashed (exit {code}): {log_tail(child_log)}")
-    result = ValidationResult.model_validate_json(out.read_bytes())
-    if not result.passed:
-        raise ValidationFailed(f"{variant} failed validation on this device: {result.detail}")
-    log.info("validated %s: %s", variant, result.detail)
-    return result
+        raise ValidationFailed(f"{what} crashed (exit {code}): {log_tail(child_log)}")
+    results = ValidationResults.model_validate_json(out.read_bytes()).results
+    for result in results:
+        log.info("validated %s: %s", result.variant, result.detail)
+    return results
 
 
 def _memory_free_fraction(device: str) -> float | None:
@@ -91,11 +99,12 @@ def _run_child(bundle_dir: Path, variant_name: str, headroom: float) -> Validati
     from exporters.bundle import read_manifest, safe_join
     from exporters.errors import ExportError, one_line
     from exporters.fingerprint import collect
+    from exporters.formats import all_variants
     from exporters.golden import Golden
     from exporters.local_gate import gate_variant
 
     manifest = read_manifest(bundle_dir)
-    variant = manifest.variants[variant_name]
+    variant = all_variants(bundle_dir, manifest)[variant_name]
     device = variant.device
     try:
         golden = Golden.load(safe_join(bundle_dir, manifest.golden.path))
@@ -143,7 +152,7 @@ def _run_child(bundle_dir: Path, variant_name: str, headroom: float) -> Validati
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m edge_agent.validation", description=__doc__)
     parser.add_argument("bundle_dir", type=Path)
-    parser.add_argument("variant")
+    parser.add_argument("variants", nargs="+")
     parser.add_argument("--headroom", type=float, default=0.2)
     parser.add_argument("--nice", type=int, default=10)
     parser.add_argument("--out", type=Path, required=True)
@@ -151,8 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.nice:
         os.nice(args.nice)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    result = _run_child(args.bundle_dir, args.variant, args.headroom)
-    atomic_write(args.out, json.dumps(result.model_dump(mode="json"), indent=2))
+    results = [_run_child(args.bundle_dir, variant, args.headroom) for variant in args.variants]
+    atomic_write(args.out, json.dumps(ValidationResults(results=results).model_dump(mode="json"), indent=2))
     return 0
 
 

@@ -1,32 +1,33 @@
 """Verifying a staged offer: every path stays inside staging, every digest matches the manifest the service
 vouched for, the signature holds (required when a public key is configured), and this device may run it.
-Also the choice of variant: a CUDA one when CUDA works here, else ``cpu-fp32``.
+Also which offered files to fetch at all: the variants this device can run (``edge_agent.variant_choice``).
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Literal
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edge_agent.download import staged_path
 from edge_agent.errors import VerificationFailed
 from edge_agent.protocol import DesiredState
+from edge_agent.variant_choice import Candidates, DeviceSetting, candidates
 from exporters.bundle import Manifest, read_manifest, sha256_file
 from exporters.errors import BundleError
-from exporters.fingerprint import Fingerprint, check_compatible, cuda_usable
+from exporters.fingerprint import Fingerprint
+from exporters.formats import FORMATS_NAME, all_variants
 from exporters.signing import verify_bundle_signature
 
 log = logging.getLogger(__name__)
 
-CUDA_ORDER = ("cuda-fp16", "cuda-fp32")
-CPU_VARIANT = "cpu-fp32"
 
-
-def verify_staged(staging: Path, offer: DesiredState, public_key: Ed25519PublicKey | None) -> Manifest:
-    """Check the staged files of ``offer``; ``VerificationFailed`` says which check refused it."""
+def verify_staged(
+    staging: Path, offer: DesiredState, public_key: Ed25519PublicKey | None, fetched: set[str] | None = None
+) -> Manifest:
+    """Check the staged files of ``offer`` (those in ``fetched``; default: every offered file);
+    ``VerificationFailed`` says which check refused it."""
     try:
         manifest = read_manifest(staging)
     except BundleError as exc:
@@ -39,6 +40,8 @@ def verify_staged(staging: Path, offer: DesiredState, public_key: Ed25519PublicK
             raise VerificationFailed(f"{offered.path} is offered but not listed in the manifest")
         if (entry.sha256, entry.bytes) != (offered.sha256, offered.bytes):
             raise VerificationFailed(f"{offered.path}: the offer's digest differs from the manifest's")
+        if fetched is not None and offered.path not in fetched:
+            continue  # not downloaded: a variant this device does not run
         actual = sha256_file(staged_path(staging, offered.path))
         if actual != entry.sha256:
             raise VerificationFailed(
@@ -54,35 +57,32 @@ def verify_staged(staging: Path, offer: DesiredState, public_key: Ed25519PublicK
     return manifest
 
 
-def variant_to_load(
-    manifest: Manifest, staged: set[str], offered: str | None, device: Literal["auto", "cuda", "cpu"]
-) -> tuple[str, str]:
-    """The variant to run here and a note for the report ('' when it is the offered one).
-
-    CUDA variants only when CUDA works on this device (and is not switched off); else ``cpu-fp32``.
-    """
-    available = [name for name, v in manifest.variants.items() if v.path in staged]
-    cuda = device != "cpu" and cuda_usable()
-    order = ([offered] if offered in CUDA_ORDER else []) + list(CUDA_ORDER) if cuda else []
-    for name in [*order, CPU_VARIANT]:
-        if name in available:
-            note = ""
-            if offered and name != offered:
-                why = "CUDA is switched off by settings" if device == "cpu" else "no working CUDA device"
-                note = (
-                    f"running {name} instead of {offered}: {why}"
-                    if not cuda
-                    else f"running {name} instead of {offered}"
-                )
-            return name, note
-    raise VerificationFailed(
-        f"none of the staged variants ({', '.join(available) or 'none'}) can run here "
-        f"({'CUDA works' if cuda else 'no working CUDA'})"
-    )
+def files_to_fetch(
+    staging: Path, offer: DesiredState, fingerprint: Fingerprint, device: DeviceSetting
+) -> tuple[set[str], Candidates]:
+    """The offered files this device needs, once ``manifest.json`` (and ``formats.json``, if the bundle has one) are
+    staged: everything but the variant files it cannot or need not run. ``formats.json`` is checked against the
+    manifest first, so that a forged one cannot steer the choice."""
+    try:
+        manifest = read_manifest(staging)
+    except BundleError as exc:
+        raise VerificationFailed(str(exc)) from None
+    entry = manifest.files.get(FORMATS_NAME)
+    if entry is not None:
+        path = staged_path(staging, FORMATS_NAME)
+        if not path.is_file() or sha256_file(path) != entry.sha256:
+            raise VerificationFailed(f"{FORMATS_NAME} is missing or differs from the manifest's digest")
+    offered = {f.path for f in offer.files}
+    try:
+        found = candidates(staging, manifest, fingerprint, device, offered)
+    except BundleError as exc:
+        raise VerificationFailed(str(exc)) from None
+    variant_files = {v.path for v in all_variants(staging, manifest).values()}
+    return {p for p in offered if p not in variant_files or p in found.wanted_paths}, found
 
 
-def check_fingerprint(manifest: Manifest, fingerprint: Fingerprint, variant: str) -> None:
-    """The compatibility rule of DESIGN.md section 4, as a ``VerificationFailed``."""
-    reason = check_compatible(manifest.fingerprint, fingerprint, variant)
-    if reason:
-        raise VerificationFailed(f"incompatible fingerprint: {reason}")
+def check_runnable(found: Candidates) -> None:
+    """``VerificationFailed`` when no variant of the bundle can run on this device."""
+    if not found.runnable:
+        reasons = "; ".join(f"{name}: {why}" for name, why in sorted(found.refused.items())) or "it has no variants"
+        raise VerificationFailed(f"incompatible fingerprint: no variant can run here ({reasons})")

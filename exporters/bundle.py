@@ -5,6 +5,8 @@ Layout (DESIGN.md section 2)::
     manifest.json                          this module's ``Manifest``
     manifest.sig                           ed25519 signature over manifest.json's bytes (absent = unsigned)
     variants/<variant>/model.torchscript   one TorchScript file per device/precision variant
+    variants/<variant>/model.pt2|.onnx     the other formats' variants (``exporters.formats``)
+    formats.json                           those variants, their compatibility and gates (schema 3)
     golden.npz                             golden inputs, eager outputs and reference detections
 
 Every file listed in ``Manifest.files`` is checked by size and sha256 before use; files not listed are ignored;
@@ -26,10 +28,13 @@ from exporters.fingerprint import Fingerprint
 from exporters.gate_report import GateThresholds, VariantGates
 
 # 2: ``release``, the number that binds a bundle's place in its product line's history (signed with it)
-SCHEMA_VERSION = 2
+# 3: ``formats.json`` lists variants in formats other than TorchScript (the structure of this file is unchanged, so
+#    agents that read schema 2 still install the TorchScript variants)
+SCHEMA_VERSION = 3
 MANIFEST_NAME = "manifest.json"
 SIGNATURE_NAME = "manifest.sig"
 GOLDEN_NAME = "golden.npz"
+VARIANTS_DIR = "variants/"  # every variant's file lies under it, in a folder named after the variant
 VARIANT_NAMES = ("cpu-fp32", "cuda-fp32", "cuda-fp16")
 _CHUNK_BYTES = 1 << 20
 
@@ -200,8 +205,3 @@ def write_manifest(bundle_dir: Path, manifest: Manifest) -> Path:
 def list_files(bundle_dir: Path, relative_paths: list[str]) -> dict[str, FileEntry]:
     """Digest the given bundle files into the manifest's ``files`` mapping."""
     return {relative: file_entry(safe_join(bundle_dir, relative)) for relative in sorted(relative_paths)}
-
-
-def variant_path(variant: str) -> str:
-    """Relative path of a variant's TorchScript file inside a bundle."""
-    return f"variants/{variant}/model.torchscript"

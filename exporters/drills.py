@@ -27,6 +27,7 @@ import torch
 
 from exporters.bundle import SIGNATURE_NAME, file_entry, read_manifest, safe_join, write_manifest
 from exporters.files import atomic_write
+from exporters.formats import FORMATS_NAME, all_variants, read_index, write_index
 from exporters.runtime import load_torchscript, quiet_torchscript
 from exporters.signing import load_private_key, sign_bundle
 
@@ -257,6 +258,34 @@ def set_export_torch(bundle_dir: Path, torch_version: str) -> None:
     fingerprint = manifest.fingerprint.model_copy(update={"torch": torch_version})
     _drop_signature(bundle_dir)
     write_manifest(bundle_dir, manifest.model_copy(update={"fingerprint": fingerprint}))
+
+
+def set_variant_compatibility(bundle_dir: Path, variant: str, **changes: object) -> None:
+    """Rewrite what ``formats.json`` says a variant needs (e.g. ``torch="2.0.0"``: an AOTInductor package for
+    another torch release); re-digests ``formats.json`` and drops the signature."""
+    manifest = read_manifest(bundle_dir)
+    index = read_index(bundle_dir, manifest)
+    if variant not in index.variants:
+        raise KeyError(f"formats.json has no variant {variant}; it has {', '.join(sorted(index.variants))}")
+    entry = index.variants[variant]
+    compatibility = entry.compatibility.model_copy(update=changes)
+    index.variants[variant] = entry.model_copy(update={"compatibility": compatibility})
+    _drop_signature(bundle_dir)
+    write_index(bundle_dir, index)
+    manifest.files[FORMATS_NAME] = file_entry(bundle_dir / FORMATS_NAME)
+    write_manifest(bundle_dir, manifest)
+
+
+def replace_variant_file(bundle_dir: Path, variant: str, data: bytes) -> None:
+    """Write ``data`` over any variant's file (of any format) and re-digest it: a file that verifies but does
+    not load, for the fallbacks. Drops the signature."""
+    manifest = read_manifest(bundle_dir)
+    spec = all_variants(bundle_dir, manifest)[variant]
+    path = safe_join(bundle_dir, spec.path)
+    _drop_signature(bundle_dir)
+    atomic_write(path, data)
+    manifest.files[spec.path] = file_entry(path)
+    write_manifest(bundle_dir, manifest)
 
 
 def sign(bundle_dir: Path, signing_key: Path) -> None:

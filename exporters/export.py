@@ -30,16 +30,27 @@ from exporters.bundle import (
     TensorSpec,
     Variant,
     list_files,
-    variant_path,
     write_manifest,
 )
 from exporters.errors import ExportArgumentError, OutputDirError
 from exporters.fingerprint import Fingerprint, collect, cuda_usable
+from exporters.formats import (
+    FORMATS_NAME,
+    Format,
+    FormatIndex,
+    FormatVariant,
+    split_variant,
+    torchscript_compatibility,
+    variant_file,
+    variant_name,
+    write_index,
+)
 from exporters.gates import GateThresholds, ProgressCallback, VariantGates, first_tensor, run_batched, strict_fp32
 from exporters.golden import Golden, noise_inputs, stack_inputs
 from exporters.local_gate import gate_variant
 from exporters.postprocess import decode
 from exporters.preprocess import letterbox, read_image, to_input_array
+from exporters.variant_export import make_variant_file, why_not_here
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +62,8 @@ class ExportRequest:
     model: str
     out_dir: Path
     imgsz: tuple[int, int] = (640, 640)
-    variants: tuple[str, ...] = VARIANT_NAMES
+    variants: tuple[str, ...] = VARIANT_NAMES  # device x precision: cpu-fp32, cuda-fp32, cuda-fp16
+    formats: tuple[Format, ...] = ("torchscript",)  # each variant is made in each of these formats
     batch: int = 1
     latency_budget_ms: float | None = None
     name: str | None = None  # the product line; default: the model file's stem
@@ -86,6 +98,8 @@ def _check_request(request: ExportRequest) -> None:
         raise ExportArgumentError(f"unknown variant {', '.join(unknown)}; known: {', '.join(VARIANT_NAMES)}")
     if not request.variants:
         raise ExportArgumentError("no variant asked for")
+    if not request.formats:
+        raise ExportArgumentError("no format asked for")
     if request.batch < 1:
         raise ExportArgumentError(f"--batch must be at least 1, got {request.batch}")
     if request.latency_budget_ms is not None and request.latency_budget_ms <= 0:
@@ -104,14 +118,20 @@ def _check_request(request: ExportRequest) -> None:
             raise OutputDirError(f"refusing to replace {out}: it is the working directory, a parent of it, or home")
 
 
-def plan_variants(asked: Sequence[str], *, cuda: bool) -> tuple[list[str], dict[str, str]]:
-    """Split the asked variants into those this machine can make and those skipped, with the reason."""
+def plan_variants(
+    asked: Sequence[str], *, cuda: bool, formats: Sequence[Format] = ("torchscript",)
+) -> tuple[list[str], dict[str, str]]:
+    """Split the asked variants, in each asked format, into those this machine can make and check and those
+    skipped, with the reason."""
     made, skipped = [], {}
-    for name in asked:
-        if name.startswith("cuda") and not cuda:
-            skipped[name] = "no working CUDA device on the exporting machine"
-        else:
-            made.append(name)
+    for fmt in formats:
+        for base in asked:
+            name = variant_name(base, fmt)
+            reason = why_not_here(fmt, "cuda" if base.startswith("cuda") else "cpu", cuda=cuda)
+            if reason:
+                skipped[name] = reason
+            else:
+                made.append(name)
     return made, skipped
 
 
@@ -158,14 +178,18 @@ def default_release(at: datetime) -> int:
     return int(at.astimezone(UTC).strftime("%Y%m%d%H%M%S"))
 
 
-def _variant_record(name: str, batch: int) -> Variant:
-    device, precision = name.split("-", 1)
-    return Variant(
+def _variant_record(name: str, batch: int) -> FormatVariant:
+    """The variant ``name`` (e.g. ``cuda-fp16-aoti``) before export; its compatibility is filled in once made."""
+    base, fmt = split_variant(name)
+    device, precision = base.split("-", 1)
+    return FormatVariant(
         name=name,
-        path=variant_path(name),
+        path=variant_file(name),
         device="cuda" if device == "cuda" else "cpu",
         dtype="float16" if precision == "fp16" else "float32",
         batch=batch,
+        format=fmt,
+        compatibility=torchscript_compatibility(),
     )
 
 
@@ -205,7 +229,7 @@ def export_bundle(request: ExportRequest, progress: ProgressCallback | None = No
     say(f"loading {request.model}")
     detector = yolo.load_detector(request.model)
     yolo.check_imgsz(detector, request.imgsz)
-    made, skipped = plan_variants(request.variants, cuda=cuda_usable())
+    made, skipped = plan_variants(request.variants, cuda=cuda_usable(), formats=request.formats)
     for name, reason in skipped.items():
         say(f"skipping {name}: {reason}")
     if not made:
@@ -257,20 +281,15 @@ def _export_into(
     gates: dict[str, VariantGates] = {}
     export_s: dict[str, float] = {}
     gate_s: dict[str, float] = {}
-    for index, (name, variant) in enumerate(variants.items(), start=1):
-        say(f"[{index}/{len(variants)}] exporting {name} (traced on {variant.device}, {variant.dtype})")
+    for position, (name, variant) in enumerate(variants.items(), start=1):
+        say(f"[{position}/{len(variants)}] exporting {name} ({variant.format} on {variant.device}, {variant.dtype})")
         t0 = time.perf_counter()
-        yolo.export_torchscript(
-            detector,
-            device=variant.device,
-            half=variant.dtype == "float16",
-            imgsz=request.imgsz,
-            batch=request.batch,
-            destination=staging / variant.path,
-            fingerprint=fingerprint,
+        compatibility = make_variant_file(
+            detector, variant, imgsz=request.imgsz, destination=staging / variant.path, fingerprint=fingerprint
         )
+        variant = variants[name] = variant.model_copy(update={"compatibility": compatibility})
         export_s[name] = time.perf_counter() - t0
-        say(f"[{index}/{len(variants)}] gating {name}")
+        say(f"[{position}/{len(variants)}] gating {name}")
         t0 = time.perf_counter()
         gates[name] = gate_variant(
             staging,
@@ -282,7 +301,15 @@ def _export_into(
             progress=say,
         )
         gate_s[name] = time.perf_counter() - t0
-    files = list_files(staging, [GOLDEN_NAME, *(v.path for v in variants.values())])
+    index = FormatIndex(
+        variants={n: v for n, v in variants.items() if v.format != "torchscript"},
+        gates={n: g for n, g in gates.items() if variants[n].format != "torchscript"},
+    )
+    listed = [GOLDEN_NAME, *(v.path for v in variants.values())]
+    if index.variants:
+        write_index(staging, index)
+        listed.append(FORMATS_NAME)
+    files = list_files(staging, listed)
     manifest = _manifest(
         request, detector, fingerprint, variants, skipped, golden, thresholds, gates=gates, files=files
     )
@@ -294,7 +321,7 @@ def _manifest(
     request: ExportRequest,
     detector: yolo.LoadedDetector,
     fingerprint: Fingerprint,
-    variants: dict[str, Variant],
+    variants: dict[str, FormatVariant],
     skipped: dict[str, str],
     golden: Golden,
     thresholds: GateThresholds,
@@ -323,7 +350,13 @@ def _manifest(
                 ultralytics=yolo.ultralytics_version(),
             ),
             "fingerprint": fingerprint,
-            "variants": variants,
+            # TorchScript variants where schema 2 put them, so that older agents install them; the other
+            # formats are in formats.json (listed in files, so signed with the manifest).
+            "variants": {
+                n: Variant(name=n, path=v.path, device=v.device, dtype=v.dtype, batch=v.batch)
+                for n, v in variants.items()
+                if v.format == "torchscript"
+            },
             "skipped_variants": skipped,
             "golden": GoldenInfo(
                 path=GOLDEN_NAME,
@@ -334,8 +367,8 @@ def _manifest(
             ),
             "thresholds": thresholds,
             "latency_budget_ms": request.latency_budget_ms,
-            "gates": gates,
-            "gates_passed": bool(gates) and all(g.passed for g in gates.values()),
+            "gates": {n: g for n, g in gates.items() if variants[n].format == "torchscript"},
+            "gates_passed": bool(gates) and all(g.passed for g in gates.values()),  # every format's
             "files": files,
         }
     )

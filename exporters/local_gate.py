@@ -1,8 +1,8 @@
 """Re-running a bundle's gates on this machine against its golden data.
 
 ``yolo-ota gate`` and the edge agent both call ``gate_bundle``: verify every file, pick the variants this
-machine can run, load each with ``map_location``, and judge it with the thresholds stored in the manifest.
-Light module: no Ultralytics.
+machine can run (in every format), load each (``exporters.runners``), and judge it with the thresholds stored in
+the manifest. Light module: no Ultralytics.
 """
 
 from __future__ import annotations
@@ -14,28 +14,28 @@ from typing import Literal
 
 import torch
 
-from exporters.bundle import Manifest, Variant, load_verified, safe_join
+from exporters.bundle import Manifest, load_verified, safe_join
 from exporters.errors import DeviceError, ExportArgumentError
-from exporters.fingerprint import Fingerprint, check_compatible, collect, cuda_usable
+from exporters.fingerprint import Fingerprint, collect, cuda_usable
+from exporters.formats import FORMAT_PREFERENCE, FormatVariant, all_variants, why_incompatible
 from exporters.gates import GateThresholds, ProgressCallback, VariantGates, run_gates
 from exporters.golden import Golden
-from exporters.runtime import load_torchscript
+from exporters.runners import load_runner, onnxruntime_info
 
 log = logging.getLogger(__name__)
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
-def runnable_variants(manifest: Manifest, device: Literal["cpu", "cuda"]) -> list[Variant]:
-    """The bundle's variants for ``device``, best first (fp16 before fp32 on CUDA)."""
-    order = {"cuda-fp16": 0, "cuda-fp32": 1, "cpu-fp32": 2}
-    chosen = [v for v in manifest.variants.values() if v.device == device]
-    return sorted(chosen, key=lambda v: order.get(v.name, 99))
+def runnable_variants(variants: dict[str, FormatVariant], device: Literal["cpu", "cuda"]) -> list[FormatVariant]:
+    """The variants for ``device``, likely fastest first: fp16 before fp32, then AOTInductor, TorchScript, ONNX."""
+    chosen = [v for v in variants.values() if v.device == device]
+    return sorted(chosen, key=lambda v: (v.dtype != "float16", FORMAT_PREFERENCE[v.format], v.name))
 
 
 def gate_variant(
     bundle_dir: Path,
-    variant: Variant,
+    variant: FormatVariant,
     golden: Golden,
     *,
     thresholds: GateThresholds,
@@ -51,7 +51,7 @@ def gate_variant(
         gc.collect()
         torch.cuda.empty_cache()
         baseline_bytes = torch.cuda.memory_allocated(device)
-    module = load_torchscript(safe_join(bundle_dir, variant.path), device)
+    module = load_runner(safe_join(bundle_dir, variant.path), variant)
     return run_gates(
         module,
         golden,
@@ -89,24 +89,26 @@ def gate_bundle(
         from exporters.signing import load_public_key, verify_bundle_signature
 
         verify_bundle_signature(bundle_dir, load_public_key(public_key))
+    every = all_variants(bundle_dir, manifest)
     if device == "auto":
-        device = "cuda" if cuda_usable() and runnable_variants(manifest, "cuda") else "cpu"
+        device = "cuda" if cuda_usable() and runnable_variants(every, "cuda") else "cpu"
     if device == "cuda" and not cuda_usable():
         raise DeviceError("--device cuda asked for, but no working CUDA device is visible on this machine")
     fingerprint = collect()
     if variants:
-        unknown = [name for name in variants if name not in manifest.variants]
+        unknown = [name for name in variants if name not in every]
         if unknown:
-            raise ExportArgumentError(
-                f"bundle has no variant {', '.join(unknown)}; it has {', '.join(sorted(manifest.variants))}"
-            )
-        chosen = [manifest.variants[name] for name in variants]
+            raise ExportArgumentError(f"bundle has no variant {', '.join(unknown)}; it has {', '.join(sorted(every))}")
+        chosen = [every[name] for name in variants]
     else:
-        chosen = runnable_variants(manifest, device)
+        chosen = runnable_variants(every, device)
     if not chosen:
-        raise DeviceError(f"bundle has no {device} variant (it has {', '.join(sorted(manifest.variants))})")
+        raise DeviceError(f"bundle has no {device} variant (it has {', '.join(sorted(every))})")
+    ort_version, ort_providers = onnxruntime_info()
     for variant in chosen:
-        reason = check_compatible(manifest.fingerprint, fingerprint, variant.name)
+        reason = why_incompatible(
+            variant, manifest.fingerprint, fingerprint, onnxruntime_version=ort_version, onnx_providers=ort_providers
+        )
         if reason:
             raise DeviceError(reason)
     golden = Golden.load(safe_join(bundle_dir, manifest.golden.path))

@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from rich.table import Table
 
 from exporters.bundle import Manifest
+from exporters.formats import FormatVariant
 from exporters.gate_report import VariantGates
 
 
@@ -103,8 +104,9 @@ def memory_table(results: Iterable[VariantGates]) -> Table | None:
     return table
 
 
-def manifest_table(manifest: Manifest) -> Table:
-    """The manifest's identity, source, fingerprint and variants as key/value rows."""
+def manifest_table(manifest: Manifest, variants: dict[str, FormatVariant] | None = None) -> Table:
+    """The manifest's identity, source, fingerprint and variants (``variants``: every format's, from
+    ``exporters.formats.all_variants``; default the manifest's TorchScript ones) as key/value rows."""
     table = Table(title=f"Bundle {manifest.name}", show_header=False, title_justify="left")
     table.add_column("field", style="bold")
     table.add_column("value")
@@ -131,7 +133,11 @@ def manifest_table(manifest: Manifest) -> Table:
             f"tf32 matmul {fp.tf32_matmul}, tf32 cudnn {fp.tf32_cudnn}, "
             f"cudnn.benchmark {fp.cudnn_benchmark}, deterministic {fp.deterministic}",
         ),
-        ("variants", ", ".join(f"{v.name} (batch {v.batch})" for v in manifest.variants.values())),
+        (
+            "variants",
+            ", ".join(f"{v.name} ({v.format}, batch {v.batch})" for v in (variants or {}).values())
+            or ", ".join(f"{v.name} (batch {v.batch})" for v in manifest.variants.values()),
+        ),
         ("skipped", "; ".join(f"{k}: {v}" for k, v in manifest.skipped_variants.items()) or "-"),
         (
             "golden",

@@ -157,6 +157,47 @@ def eager_model(detector: LoadedDetector) -> torch.nn.Module:
     return model
 
 
+def _ultralytics_export(
+    detector: LoadedDetector,
+    fmt: Literal["torchscript", "onnx"],
+    *,
+    device: Literal["cpu", "cuda"],
+    half: bool,
+    imgsz: tuple[int, int],
+    batch: int,
+    workdir: Path,
+) -> Path:
+    """Run Ultralytics' own exporter for ``fmt`` on ``device``, writing into ``workdir``; the produced file."""
+    model = detector.yolo.model
+    previous = getattr(model, "pt_path", None)
+    # Ultralytics writes next to the source file, or into the working directory for a config:
+    # point it at a private folder instead.
+    model.pt_path = str(workdir / "model.pt")
+    options: dict[str, Any] = {"simplify": False} if fmt == "onnx" else {}
+    try:
+        with _quiet_ultralytics(), quiet_torchscript():
+            produced = detector.yolo.export(
+                format=fmt,
+                imgsz=list(imgsz),
+                batch=batch,
+                device="0" if device == "cuda" else "cpu",
+                quantize=16 if half else None,
+                nms=None,
+                dynamic=False,
+                verbose=False,
+                **options,
+            )
+    except Exception as exc:
+        raise ModelError(f"Ultralytics {fmt} export on {device} failed: {one_line(exc)}") from exc
+    finally:
+        if previous is None:
+            with contextlib.suppress(AttributeError):
+                del model.pt_path
+        else:
+            model.pt_path = previous
+    return Path(produced)
+
+
 def export_torchscript(
     detector: LoadedDetector,
     *,
@@ -172,39 +213,55 @@ def export_torchscript(
     The file loads with ``YOLO(path)`` (Ultralytics reads its ``config.txt`` extra file) and also carries
     ``yolo_ota_fingerprint.json``.
     """
-    model = detector.yolo.model
-    previous = getattr(model, "pt_path", None)
     with tempfile.TemporaryDirectory(prefix="yolo-ota-export-") as tmp:
-        # Ultralytics writes next to the source file, or into the working directory for a config:
-        # point it at a private folder instead.
-        model.pt_path = str(Path(tmp) / "model.pt")
-        try:
-            with _quiet_ultralytics(), quiet_torchscript():
-                produced = detector.yolo.export(
-                    format="torchscript",
-                    imgsz=list(imgsz),
-                    batch=batch,
-                    device="0" if device == "cuda" else "cpu",
-                    quantize=16 if half else None,
-                    nms=None,
-                    dynamic=False,
-                    verbose=False,
-                )
-        except Exception as exc:
-            raise ModelError(f"Ultralytics TorchScript export on {device} failed: {one_line(exc)}") from exc
-        finally:
-            if previous is None:
-                with contextlib.suppress(AttributeError):
-                    del model.pt_path
-            else:
-                model.pt_path = previous
+        produced = _ultralytics_export(
+            detector, "torchscript", device=device, half=half, imgsz=imgsz, batch=batch, workdir=Path(tmp)
+        )
         destination.parent.mkdir(parents=True, exist_ok=True)
         extra: dict[str, Any] = {"config.txt": ""}
-        scripted = load_torchscript(Path(produced), device, extra_files=extra)
+        scripted = load_torchscript(produced, device, extra_files=extra)
         extra[FINGERPRINT_EXTRA_FILE] = json.dumps(fingerprint.model_dump(mode="json"), sort_keys=True)
         with quiet_torchscript():
             torch.jit.save(scripted, str(destination), _extra_files=extra)
     return destination
+
+
+def export_onnx(
+    detector: LoadedDetector,
+    *,
+    device: Literal["cpu", "cuda"],
+    half: bool,
+    imgsz: tuple[int, int],
+    batch: int,
+    destination: Path,
+) -> Path:
+    """Export through Ultralytics' own ONNX exporter (fixed shape, no NMS, not simplified): the file loads with
+    ``YOLO(path)`` and in any ONNX Runtime; its metadata holds the class names and stride."""
+    with tempfile.TemporaryDirectory(prefix="yolo-ota-export-") as tmp:
+        produced = _ultralytics_export(
+            detector, "onnx", device=device, half=half, imgsz=imgsz, batch=batch, workdir=Path(tmp)
+        )
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(produced), destination)
+    return destination
+
+
+def deployable_module(detector: LoadedDetector) -> torch.nn.Module:
+    """The model as Ultralytics exports it, for exporters of our own (AOTInductor): fp32, eval, convolutions
+    and batch norms fused, and the Detect head returning the one output tensor (B, 4+nc, anchors)."""
+    _ultralytics()
+    from ultralytics.nn.modules import Detect
+
+    model: torch.nn.Module = copy.deepcopy(detector.yolo.model).float().cpu().eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with _quiet_ultralytics():
+        model = model.fuse()  # type: ignore[operator]
+    for module in model.modules():
+        if isinstance(module, Detect):
+            module.export, module.dynamic, module.shape = True, False, None
+            module.format = "torchscript"  # type: ignore[assignment]  # Ultralytics' class default is None
+    return model
 
 
 @contextlib.contextmanager

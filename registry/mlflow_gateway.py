@@ -21,6 +21,7 @@ from typing import Any
 
 from exporters.bundle import MANIFEST_NAME, SIGNATURE_NAME, Manifest, load_verified
 from exporters.errors import flatten
+from exporters.formats import FormatIndex, read_index
 from exporters.report import gate_markdown
 from registry import tags as ota
 from registry.errors import (
@@ -219,6 +220,7 @@ class MlflowGateway:
         ``model`` (``DuplicateBundleError``, naming the version).
         """
         manifest = load_verified(bundle_dir)
+        index = read_index(bundle_dir, manifest)
         if manifest.name != model:
             raise ProductLineMismatchError(
                 f"{bundle_dir} was exported for product line {manifest.name!r} (signed into its manifest); it can be "
@@ -244,7 +246,7 @@ class MlflowGateway:
             )
             run_id = run.info.run_id
             try:
-                self._log_run(run_id, bundle_dir, manifest)
+                self._log_run(run_id, bundle_dir, manifest, index)
             except BaseException:
                 self._client.set_terminated(run_id, status="FAILED")
                 raise
@@ -256,7 +258,7 @@ class MlflowGateway:
                 model,
                 source=source,
                 run_id=run_id,
-                tags=ota.version_tags(manifest, manifest_bytes, signed=signed),
+                tags=ota.version_tags(manifest, manifest_bytes, signed=signed, index=index),
                 description=_description(manifest),
             )
         log.info("registered %s as %s version %s (run %s)", bundle_dir, model, mv.version, run_id)
@@ -332,13 +334,15 @@ class MlflowGateway:
         experiment = self._client.get_experiment_by_name(name)
         return experiment.experiment_id if experiment is not None else self._client.create_experiment(name)
 
-    def _log_run(self, run_id: str, bundle_dir: Path, manifest: Manifest) -> None:
+    def _log_run(self, run_id: str, bundle_dir: Path, manifest: Manifest, index: FormatIndex) -> None:
         from mlflow.entities import Metric, Param
 
         self._client.log_artifacts(run_id, str(bundle_dir), artifact_path=BUNDLE_ARTIFACT_PATH)
         timestamp_ms = int(Path(bundle_dir / MANIFEST_NAME).stat().st_mtime * 1000)
-        metrics = [Metric(key, float(value), timestamp_ms, 0) for key, value in ota.run_metrics(manifest).items()]
-        params = [Param(key, value[:6000]) for key, value in ota.run_params(manifest).items()]
+        metrics = [
+            Metric(key, float(value), timestamp_ms, 0) for key, value in ota.run_metrics(manifest, index).items()
+        ]
+        params = [Param(key, value[:6000]) for key, value in ota.run_params(manifest, index).items()]
         self._client.log_batch(run_id, metrics=metrics, params=params)
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import hashlib
 
 from exporters.bundle import Manifest
+from exporters.formats import FormatIndex, FormatVariant, as_format_variant
+from exporters.gate_report import VariantGates
 
 TAG_PREFIX = "ota."
 SCHEMA_TAG = "ota.schema"
@@ -30,23 +32,45 @@ def _figure(value: float) -> str:
     return f"{value:.6g}"
 
 
-def version_tags(manifest: Manifest, manifest_bytes: bytes, *, signed: bool) -> dict[str, str]:
-    """Every ``ota.*`` tag of a model version holding this bundle."""
+def _variants(manifest: Manifest, index: FormatIndex | None) -> dict[str, FormatVariant]:
+    found = {name: as_format_variant(v) for name, v in manifest.variants.items()}
+    found.update(index.variants if index else {})
+    return found
+
+
+def _gates(manifest: Manifest, index: FormatIndex | None) -> dict[str, VariantGates]:
+    return {**manifest.gates, **(index.gates if index else {})}
+
+
+def compatibility_text(variant: FormatVariant) -> str:
+    """A variant's compatibility record as one tag value: ``runtime=torch;torch=2.15.0;arch=x86_64``."""
+    fields = variant.compatibility.model_dump(exclude_none=True)
+    return ";".join(f"{k}={'+'.join(v) if isinstance(v, list) else v}" for k, v in fields.items() if v != [])
+
+
+def version_tags(
+    manifest: Manifest, manifest_bytes: bytes, *, signed: bool, index: FormatIndex | None = None
+) -> dict[str, str]:
+    """Every ``ota.*`` tag of a model version holding this bundle (``index``: its formats.json)."""
+    variants = _variants(manifest, index)
     tags = {
         SCHEMA_TAG: str(manifest.schema_version),
         RELEASE_TAG: "" if manifest.release is None else str(manifest.release),
-        FORMAT_TAG: "torchscript",
+        FORMAT_TAG: ",".join(sorted({v.format for v in variants.values()})),
         MANIFEST_DIGEST_TAG: manifest_digest(manifest_bytes),
         SIGNED_TAG: "true" if signed else "false",
-        VARIANTS_TAG: ",".join(sorted(manifest.variants)),
+        VARIANTS_TAG: ",".join(sorted(variants)),
         GATES_TAG: "pass" if manifest.gates_passed else "fail",
         "ota.imgsz": f"{manifest.imgsz[0]}x{manifest.imgsz[1]}",
         "ota.task": manifest.task,
     }
     for key, value in manifest.fingerprint.model_dump(mode="json").items():
         tags[f"ota.fp.{key}"] = "" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+    for name, variant in variants.items():
+        tags[f"ota.variant.{name}.format"] = variant.format
+        tags[f"ota.variant.{name}.compat"] = compatibility_text(variant)
     overall: dict[str, bool] = {}
-    for name, gates in manifest.gates.items():
+    for name, gates in _gates(manifest, index).items():
         per_gate = {
             "raw_parity": gates.raw_parity.passed,
             "detection_parity": gates.detection_parity.passed,
@@ -70,10 +94,10 @@ def version_tags(manifest: Manifest, manifest_bytes: bytes, *, signed: bool) -> 
     return {key: value[:MAX_TAG_VALUE_CHARS] for key, value in tags.items()}
 
 
-def run_metrics(manifest: Manifest) -> dict[str, float]:
+def run_metrics(manifest: Manifest, index: FormatIndex | None = None) -> dict[str, float]:
     """Gate figures as run metrics (MLflow metric keys allow letters, digits, ``_-./`` and spaces)."""
     metrics: dict[str, float] = {}
-    for name, gates in manifest.gates.items():
+    for name, gates in _gates(manifest, index).items():
         stats = gates.latency.stats[0]
         prefix = f"gate.{name}"
         metrics.update(
@@ -98,14 +122,14 @@ def run_metrics(manifest: Manifest) -> dict[str, float]:
     return metrics
 
 
-def run_params(manifest: Manifest) -> dict[str, str]:
+def run_params(manifest: Manifest, index: FormatIndex | None = None) -> dict[str, str]:
     """The fingerprint and export settings as run params."""
     params = {f"fp.{k}": "" if v is None else str(v) for k, v in manifest.fingerprint.model_dump(mode="json").items()}
     params.update(
         {
             "bundle.name": manifest.name,
             "bundle.imgsz": f"{manifest.imgsz[0]}x{manifest.imgsz[1]}",
-            "bundle.variants": ",".join(sorted(manifest.variants)),
+            "bundle.variants": ",".join(sorted(_variants(manifest, index))),
             "bundle.source": manifest.source.model,
             "bundle.latency_budget_ms": str(manifest.latency_budget_ms),
         }

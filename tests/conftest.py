@@ -94,6 +94,28 @@ def trained_bundle(trained_detector: Path, scene_images: list[Path], tmp_path_fa
 
 
 @pytest.fixture(scope="session")
+def formats_bundle(trained_detector: Path, scene_images: list[Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The trained detector at 160 px as cpu-fp32 in every format: TorchScript, AOTInductor and ONNX (read-only
+    use). Exported after ``trained_bundle``'s fixtures, so its release is the newer."""
+    from exporters.export import ExportRequest, export_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "formats"
+    result = export_bundle(
+        ExportRequest(
+            model=str(trained_detector),
+            out_dir=out,
+            imgsz=(SCENE_SIZE, SCENE_SIZE),
+            variants=("cpu-fp32",),
+            formats=("torchscript", "aoti", "onnx"),
+            name="pcb-parts",
+            golden_images=tuple(scene_images),
+        )
+    )
+    assert result.passed, result.manifest.gates
+    return out
+
+
+@pytest.fixture(scope="session")
 def line_bundle(trained_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
     """The trained bundle as exported for product line ``name`` (a copy whose manifest names that line, which is
     what it may be registered as), made once per name (read-only use)."""

@@ -19,7 +19,8 @@ from edge_agent.errors import DiskSpaceError, OfferRefused, VerificationFailed
 from edge_agent.protocol import DesiredState
 from edge_agent.reporting import Outbox, event
 from edge_agent.store import Installed, VersionStore
-from edge_agent.verify import variant_to_load
+from edge_agent.variant_choice import VariantResult, candidates, choose, fallback_chain
+from edge_agent.verify import check_runnable
 from exporters.bundle import MANIFEST_NAME, Variant, read_manifest
 
 PAYLOAD = bytes(range(256)) * 4096  # 1 MiB
@@ -185,23 +186,52 @@ def test_download_refuses_paths_outside_staging(files_server: str, tmp_path: Pat
     assert not (tmp_path / "escape.bin").exists()
 
 
-def test_variant_choice_falls_back_to_cpu_without_cuda(trained_bundle: Path) -> None:
+def test_variant_choice_refuses_cuda_variants_without_cuda(trained_bundle: Path) -> None:
     import torch
 
+    from exporters.fingerprint import collect
+
     if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA: the fallback is not taken")
+        pytest.skip("this machine has CUDA: the CUDA variant would be a candidate")
     manifest = read_manifest(trained_bundle)
     cuda = Variant(name="cuda-fp16", path="variants/cuda-fp16/model.torchscript", device="cuda", dtype="float16",
                    batch=1)  # fmt: skip
     manifest = manifest.model_copy(update={"variants": {**manifest.variants, "cuda-fp16": cuda}})
-    staged = {v.path for v in manifest.variants.values()}
-    assert variant_to_load(manifest, staged, "cuda-fp16", "auto") == (
-        "cpu-fp32",
-        "running cpu-fp32 instead of cuda-fp16: no working CUDA device",
-    )
-    assert variant_to_load(manifest, staged, "cpu-fp32", "cpu") == ("cpu-fp32", "")
-    with pytest.raises(VerificationFailed, match="none of the staged variants"):
-        variant_to_load(manifest, {cuda.path}, "cuda-fp16", "auto")
+    offered = {v.path for v in manifest.variants.values()}
+    here = collect()
+    found = candidates(trained_bundle, manifest, here, "auto", offered)
+    assert [v.name for v in found.runnable] == ["cpu-fp32"]
+    assert found.refused["cuda-fp16"].startswith("incompatible: variant cuda-fp16 needs a working CUDA device")
+    assert found.wanted_paths == {manifest.variants["cpu-fp32"].path}
+    switched_off = candidates(trained_bundle, manifest, here, "cpu", offered)
+    assert switched_off.refused["cuda-fp16"] == "incompatible: CUDA is switched off by settings"
+    with pytest.raises(VerificationFailed, match="incompatible fingerprint: no variant can run here"):
+        check_runnable(candidates(trained_bundle, manifest, here, "auto", {cuda.path}))
+
+
+def test_the_fastest_passing_variant_is_chosen_and_the_others_say_why() -> None:
+    results = [
+        VariantResult(variant="cpu-fp32", passed=True, p50_ms=40.0, p99_ms=45.0, detail="ok"),
+        VariantResult(variant="cpu-fp32-aoti", passed=True, p50_ms=31.5, p99_ms=35.0, detail="ok"),
+        VariantResult(variant="cpu-fp32-onnx", passed=False, p50_ms=20.0, detail="failed detection_parity"),
+    ]
+    choice = choose(results, {"cuda-fp16": "incompatible: no GPU"})
+    assert choice is not None and choice.chosen == "cpu-fp32-aoti"
+    assert choice.why == "fastest that passed: p50 31.50 ms"
+    assert choice.not_chosen == {
+        "cpu-fp32": "slower: p50 40.00 ms against 31.50 ms",
+        "cpu-fp32-onnx": "failed validation: failed detection_parity",
+        "cuda-fp16": "incompatible: no GPU",
+    }
+    assert choose([results[2]], {}) is None
+
+
+def test_fallback_chain_goes_aoti_then_torchscript_then_cpu() -> None:
+    every = {"cuda-fp16-aoti", "cuda-fp16", "cpu-fp32", "cpu-fp32-onnx"}
+    assert fallback_chain("cuda-fp16-aoti", every) == ["cuda-fp16-aoti", "cuda-fp16", "cpu-fp32"]
+    assert fallback_chain("cpu-fp32-onnx", every) == ["cpu-fp32-onnx", "cpu-fp32"]
+    assert fallback_chain("cuda-fp16-aoti", {"cuda-fp16-aoti", "cpu-fp32"}) == ["cuda-fp16-aoti", "cpu-fp32"]
+    assert fallback_chain("cpu-fp32", every) == ["cpu-fp32"]
 
 
 def test_prune_keeps_the_newest_and_the_protected(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ import torch
 from exporters.bundle import MANIFEST_NAME, Manifest, load_verified, sha256_file
 from exporters.export import ExportRequest, export_bundle
 from exporters.fingerprint import collect
+from exporters.formats import all_variants
 from exporters.gates import match_count
 from exporters.golden import Golden
 from exporters.postprocess import Detections, decode
@@ -63,17 +64,23 @@ def test_export_from_config_writes_a_complete_verified_bundle(config: str, tmp_p
     assert results[0].orig_shape == (1080, 810)
 
 
-def test_cpu_only_machine_skips_cuda_variants_and_says_why(tmp_path: Path, cli) -> None:
+def test_cpu_only_machine_makes_every_format_it_can_and_skips_cuda_variants_saying_why(tmp_path: Path, cli) -> None:
+    """The default formats are those this machine can make and check: here TorchScript, AOTInductor (a C++
+    compiler is present) and ONNX (onnx and ONNX Runtime are installed by the export extra)."""
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA, so nothing is skipped")
     done = cli("export", "yolov8n.yaml", "--imgsz", "64", "--out", str(tmp_path / "b"))
     assert done.returncode == 0, done.stderr
-    assert "skipping cuda-fp32: no working CUDA device" in done.stderr
-    assert "skipping cuda-fp16: no working CUDA device" in done.stderr
+    for fmt in ("", "-aoti", "-onnx"):
+        assert f"skipping cuda-fp32{fmt}: no working CUDA device" in done.stderr
+        assert f"skipping cuda-fp16{fmt}: no working CUDA device" in done.stderr
     manifest = load_verified(tmp_path / "b")
-    assert list(manifest.variants) == ["cpu-fp32"]
-    assert set(manifest.skipped_variants) == {"cuda-fp32", "cuda-fp16"}
-    assert "cpu-fp32" in done.stdout and "pass" in done.stdout
+    assert list(manifest.variants) == ["cpu-fp32"]  # TorchScript, where schema-2 readers look
+    assert sorted(all_variants(tmp_path / "b", manifest)) == ["cpu-fp32", "cpu-fp32-aoti", "cpu-fp32-onnx"]
+    assert len(manifest.skipped_variants) == 6
+    for name in ("cpu-fp32", "cpu-fp32-aoti", "cpu-fp32-onnx"):
+        assert name in done.stdout
+    assert "pass" in done.stdout
 
 
 def test_trained_detector_output_depends_on_input_and_golden_has_detections(trained_bundle: Path) -> None:

@@ -25,6 +25,7 @@ class ExportSettings(LayeredSettings):
 
     imgsz: str = "640"  # 640, or height,width
     variants: str = "cpu-fp32,cuda-fp32,cuda-fp16"
+    formats: str | None = None  # torchscript,aoti,onnx; None: every format this machine can make and check
     batch: int = Field(default=1, ge=1)
     latency_budget_ms: float | None = Field(default=None, gt=0)
     noise_inputs: int = Field(default=2, ge=0)

@@ -20,6 +20,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
+from exporters.bundle import VARIANTS_DIR, Manifest
+from exporters.formats import FORMATS_NAME
 from registry.rollout_service.bundles import BundleCatalog
 from registry.rollout_service.db import Device, Rollout
 from registry.rollout_service.errors import NotFoundError
@@ -231,14 +233,10 @@ class DesiredIndex:
                 state_key=self._signer.public_key,
             )
         resolved = self._catalog.resolve(choice.model, choice.version)
-        variants = resolved.manifest.variants
-        wanted = {variants[choice.variant].path, resolved.manifest.golden.path}
-        if FALLBACK_VARIANT in variants:  # a device whose GPU fails at load or run time falls back to it
-            wanted.add(variants[FALLBACK_VARIANT].path)
         files = [
             DesiredFile(path=f.path, url=f.url, sha256=f.sha256, bytes=f.bytes)
             for f in resolved.files
-            if f.path in wanted
+            if _offered(f.path, resolved.manifest, choice.variant)
         ]
         shadow = self._shadow_of(choice.rollout_id)
         order = StateOrder(
@@ -274,6 +272,18 @@ class DesiredIndex:
             if rollout.id == rollout_id and rollout.shadow:
                 return rollout.shadow
         return self._settings.shadow.model_dump()
+
+
+def _offered(path: str, manifest: Manifest, variant: str) -> bool:
+    """Whether a bundle file goes into a device's offer: the golden data, the offered TorchScript variant and
+    ``cpu-fp32`` (a device whose GPU fails at load or run time falls back to it), and ``formats.json`` with
+    every other format's variant. The device picks among those, before it downloads them, the ones it can run (it
+    validates each and serves the fastest that passes): the service does not read ``formats.json``. An agent that
+    knows only TorchScript downloads the other formats' files too, verifies their digests and ignores them."""
+    torchscript = {v.path for v in manifest.variants.values()}
+    if path in torchscript:
+        return path in {manifest.variants[n].path for n in (variant, FALLBACK_VARIANT) if n in manifest.variants}
+    return path in (manifest.golden.path, FORMATS_NAME) or path.startswith(VARIANTS_DIR)
 
 
 FALLBACK_VARIANT = "cpu-fp32"

@@ -16,6 +16,7 @@ from yolo_ota.settings import ExportSettings, GateSettings, KeysSettings
 
 if TYPE_CHECKING:
     from exporters.export import ExportResult
+    from exporters.formats import Format
 
 keys_app = typer.Typer(help="Manage the ed25519 keys that sign bundles.", no_args_is_help=True)
 
@@ -40,6 +41,13 @@ ProductLine = Annotated[
     str | None,
     typer.Option(help="Product line: the registered model it is for, signed with it (default: MODEL's stem)."),
 ]
+Formats = Annotated[
+    str | None,
+    typer.Option(
+        help="Comma-separated formats: torchscript, aoti (AOTInductor), onnx "
+        "(default: every one this machine can make and check)."
+    ),
+]
 Release = Annotated[
     int | None,
     typer.Option(
@@ -55,6 +63,7 @@ def export(
     variants: Annotated[
         str | None, typer.Option(help="Comma-separated variants to make (default cpu-fp32,cuda-fp32,cuda-fp16).")
     ] = None,
+    formats: Formats = None,
     batch: Annotated[int | None, typer.Option(help="Batch size the variants are traced with (default 1).")] = None,
     latency_budget_ms: Annotated[
         float | None, typer.Option(help="p99 latency budget per forward pass; the latency gate fails above it.")
@@ -74,19 +83,20 @@ def export(
     ] = None,
     config: ConfigPath = None,
 ) -> None:
-    """Export MODEL to a TorchScript bundle per variant, gate every variant, and write the manifest."""
+    """Export MODEL per variant and format, gate every variant, and write the manifest."""
     from exporters.errors import ExportError
     from exporters.export import ExportRequest, export_bundle
 
     settings = load(
-        ExportSettings, config, imgsz=imgsz, variants=variants, batch=batch, latency_budget_ms=latency_budget_ms,
-        noise_inputs=noise_inputs, signing_key=signing_key,
+        ExportSettings, config, imgsz=imgsz, variants=variants, formats=formats, batch=batch,
+        latency_budget_ms=latency_budget_ms, noise_inputs=noise_inputs, signing_key=signing_key,
     )  # fmt: skip
     request = ExportRequest(
         model=model,
         out_dir=out,
         imgsz=parse_imgsz(settings.imgsz),
         variants=tuple(v.strip() for v in settings.variants.split(",") if v.strip()),
+        formats=_formats(settings.formats),
         batch=settings.batch,
         latency_budget_ms=settings.latency_budget_ms,
         name=name,
@@ -105,10 +115,22 @@ def export(
         raise typer.Exit(EXIT_GATE_FAILED)
 
 
+def _formats(asked: str | None) -> tuple[Format, ...]:
+    """The formats asked for, else every one this machine can make and check."""
+    from exporters.fingerprint import cuda_usable
+    from exporters.variant_export import formats_available, parse_formats
+
+    try:
+        return parse_formats(asked) if asked else formats_available(cuda=cuda_usable())
+    except ValueError as exc:
+        raise fail(str(exc)) from None
+
+
 def _print_export(result: ExportResult) -> None:
+    from exporters.formats import all_gates
     from exporters.report import gate_tables, memory_table
 
-    results = list(result.manifest.gates.values())
+    results = list(all_gates(result.bundle_dir, result.manifest).values())
     print_tables(gate_tables(results, title=f"Gates of {result.manifest.name} on this machine"))
     memory = memory_table(results)
     if memory is not None:
@@ -175,6 +197,7 @@ def inspect(
     """Verify a bundle's files (and signature, with a public key) and print its manifest as tables."""
     from exporters.bundle import load_verified
     from exporters.errors import ExportError
+    from exporters.formats import all_gates, all_variants
     from exporters.report import files_table, gate_tables, manifest_table
     from exporters.signing import load_public_key, verify_bundle_signature
 
@@ -187,8 +210,8 @@ def inspect(
     if as_json:
         console.print_json(manifest.to_json_bytes().decode())
         return
-    console.print(manifest_table(manifest))
-    print_tables(gate_tables(manifest.gates.values(), title="Gates recorded at export"))
+    console.print(manifest_table(manifest, all_variants(bundle, manifest)))
+    print_tables(gate_tables(all_gates(bundle, manifest).values(), title="Gates recorded at export"))
     console.print(files_table(manifest))
     console.print(f"all files verified against the manifest; signature: {status.value}")
 
