@@ -217,3 +217,27 @@ def test_the_registry_tags_record_every_variants_format_and_compatibility(format
     assert tags["ota.variant.cpu-fp32.compat"] == "runtime=torch"
     for name in ALL_CPU:
         assert tags[f"ota.gate.{name}"] == "pass" and float(tags[f"ota.gate.{name}.latency.p50_ms"]) > 0
+
+
+def test_a_device_checks_formats_json_before_it_chooses_what_to_fetch(formats_bundle: Path, tmp_path: Path) -> None:
+    from edge_agent.errors import VerificationFailed
+    from edge_agent.protocol import DesiredState
+    from edge_agent.verify import files_to_fetch
+
+    staging = tmp_path / "staging"
+    shutil.copytree(formats_bundle, staging)
+    manifest = read_manifest(staging)
+    offer = DesiredState.model_validate(
+        {"model": "m", "version": "1", "variant": "cpu-fp32", "etag": '"x"', "manifest_url": "http://h/manifest.json",
+         "manifest_sha256": "0" * 64,
+         "files": [{"path": p, "url": f"http://h/{p}", "sha256": e.sha256, "bytes": e.bytes}
+                   for p, e in manifest.files.items()]}
+    )  # fmt: skip
+    wanted, found = files_to_fetch(staging, offer, collect(), "auto")
+    assert wanted == set(manifest.files)
+    assert [v.name for v in found.runnable] == ["cpu-fp32-aoti", "cpu-fp32", "cpu-fp32-onnx"]
+    # A formats.json that says every variant needs a GPU would make the device fetch nothing: it is refused.
+    forged = (staging / FORMATS_NAME).read_text().replace('"device": "cpu"', '"device": "cuda"')
+    (staging / FORMATS_NAME).write_text(forged)
+    with pytest.raises(VerificationFailed, match=r"formats\.json is missing or differs from the manifest's digest"):
+        files_to_fetch(staging, offer, collect(), "auto")
