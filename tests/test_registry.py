@@ -66,7 +66,7 @@ def test_register_creates_a_tagged_version_from_the_bundle_artifacts(
     manifest = json.loads(manifest_bytes)
     tags = mv.tags
     assert tags["ota.manifest_sha256"] == hashlib.sha256(manifest_bytes).hexdigest()
-    assert tags["ota.schema"] == "2"
+    assert tags["ota.schema"] == "3"
     assert tags["ota.release"] == str(manifest["release"])
     assert tags["ota.format"] == "torchscript"
     assert tags["ota.signed"] == "false"
