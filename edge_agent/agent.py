@@ -34,7 +34,7 @@ from edge_agent.metrics import AgentCollector, agent_registry
 from edge_agent.polling import Poller
 from edge_agent.probation import Probation
 from edge_agent.reporting import Outbox, Reporter
-from edge_agent.runtime import DetectResult, Inference, InferenceRuntime, LoadedModel
+from edge_agent.runtime import DetectResult, Inference, InferenceRuntime, LoadedModel, ServingOptions
 from edge_agent.settings import AgentSettings
 from edge_agent.state import BEFORE_SWAP, AgentState, StateStore
 from edge_agent.store import VersionStore
@@ -80,7 +80,8 @@ class Agent:
         self.journal = Journal(
             StateStore(settings.data_dir), self.reporter, pause_on_enter=settings.pause_on_enter, stop=self._stop
         )
-        self.loader = ModelLoader(self.store, self.journal, settings.device)
+        serving = ServingOptions(device_pipeline=settings.device_pipeline, cuda_graph=settings.cuda_graphs)
+        self.loader = ModelLoader(self.store, self.journal, settings.device, serving)
         self.runtime.fallback = self.loader.run_time_fallback
         self.probation = Probation(self.runtime, settings, self._stop)
         self.downloader = Downloader(

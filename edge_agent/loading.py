@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 from edge_agent.journal import Journal
-from edge_agent.runtime import LoadedModel, load_model
+from edge_agent.runtime import DEFAULT_SERVING, LoadedModel, ServingOptions, load_model
 from edge_agent.store import VersionStore
 from edge_agent.variant_choice import CPU_VARIANT, fallback_chain
 from exporters.bundle import Manifest, read_manifest
@@ -28,10 +28,14 @@ def _on_disk(directory: Path, manifest: Manifest) -> set[str]:
 class ModelLoader:
     """Loads what ``store`` has installed onto this device's ``device`` setting."""
 
-    def __init__(self, store: VersionStore, journal: Journal, device: Literal["auto", "cuda", "cpu"]) -> None:
+    def __init__(
+        self, store: VersionStore, journal: Journal, device: Literal["auto", "cuda", "cpu"],
+        options: ServingOptions = DEFAULT_SERVING,
+    ) -> None:  # fmt: skip
         self._store = store
         self._journal = journal
         self._device = device
+        self._options = options
 
     def load_installed(self, model: str, version: str) -> LoadedModel:
         """Load an installed version in the variant it validated with (``cpu-fp32`` when CUDA is switched off)."""
@@ -53,7 +57,7 @@ class ModelLoader:
         chain = fallback_chain(variant, _on_disk(directory, manifest)) or [variant]
         for position, name in enumerate(chain):
             try:
-                return load_model(directory, manifest, name, model=model, version=version)
+                return load_model(directory, manifest, name, model=model, version=version, options=self._options)
             except (ExportError, RuntimeError) as exc:
                 if position == len(chain) - 1:
                     raise

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from edge_agent.device_pipeline import DecodeThresholds, DevicePipeline
 from edge_agent.errors import ModelOutputError, NoModelError
 from edge_agent.frames import FrameRing
 from edge_agent.image_limits import check_pixels
@@ -48,6 +49,7 @@ class LoadedModel:
     manifest: Manifest
     directory: Path
     lock: threading.Lock = field(default_factory=threading.Lock)  # one forward at a time per model
+    pipeline: DevicePipeline | None = None  # detect on the model's device (CUDA variants, ``ServingOptions``)
 
     @property
     def input_hw(self) -> tuple[int, int]:
@@ -71,6 +73,8 @@ class LoadedModel:
 
     def detect(self, image_bgr: np.ndarray) -> Detections:
         """Letterbox, forward, decode with NMS, and map the boxes back to the image's own pixels."""
+        if self.pipeline is not None:  # every step on the GPU; only the kept boxes come back
+            return self.pipeline.detect(image_bgr)
         padded, info = letterbox(image_bgr, self.input_hw)
         raw = self.forward(to_input_array([padded]))
         thresholds = self.manifest.thresholds
@@ -123,7 +127,26 @@ def _failed(model: LoadedModel, started: float, exc: BaseException) -> Inference
 Observer = Callable[[Inference], None]
 
 
-def load_model(directory: Path, manifest: Manifest, variant: str, *, model: str, version: str) -> LoadedModel:
+@dataclass(frozen=True)
+class ServingOptions:
+    """How a variant serves requests.
+
+    ``device_pipeline``: the image goes to the model's device as uint8 and is letterboxed, decoded and NMS'd there
+    (``edge_agent.device_pipeline``); None means for CUDA variants only (the CPU keeps the OpenCV path that
+    bench/serve.py measures). ``cuda_graph``: the forward replays a captured CUDA graph (a variant whose capture
+    fails runs its plain forward)."""
+
+    device_pipeline: bool | None = None
+    cuda_graph: bool = True
+
+
+DEFAULT_SERVING = ServingOptions()
+
+
+def load_model(
+    directory: Path, manifest: Manifest, variant: str, *, model: str, version: str,
+    options: ServingOptions = DEFAULT_SERVING,
+) -> LoadedModel:  # fmt: skip
     """Load ``variant`` of an installed bundle onto its device (``map_location``) and warm it up.
 
     ``model`` is the registered model's name (the manifest's own name is the exporter's).
@@ -141,13 +164,21 @@ def load_model(directory: Path, manifest: Manifest, variant: str, *, model: str,
         manifest=manifest,
         directory=directory,
     )
+    on_device = spec.device == "cuda" if options.device_pipeline is None else options.device_pipeline
+    if on_device:
+        t = manifest.thresholds
+        loaded.pipeline = DevicePipeline(
+            module, device=device, dtype=loaded.dtype, input_hw=loaded.input_hw, batch=spec.batch,
+            thresholds=DecodeThresholds(conf=t.conf, iou=t.nms_iou, max_det=t.max_det),
+            cuda_graph=options.cuda_graph and spec.device == "cuda",
+        )  # fmt: skip
     # Warm up the whole request path (image decode libraries, letterbox, the JIT's first optimising runs, NMS),
     # not only the forward pass, so that the first request after a swap is not the slow one.
     frame = np.full((*loaded.input_hw, 3), 114, dtype=np.uint8)
     frame[::7, ::5] = 255
     sample = np.zeros((spec.batch, 3, *loaded.input_hw), dtype=np.float32)
     for _ in range(WARMUP_RUNS):
-        if spec.batch == 1:
+        if spec.batch == 1 or loaded.pipeline is not None:
             loaded.detect(frame)
         else:
             loaded.forward(sample)

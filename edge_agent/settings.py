@@ -54,6 +54,9 @@ class AgentSettings(LayeredSettings):
     listen: str | None = "127.0.0.1:8710"  # local API; None: no HTTP server (in-process use)
     labels: dict[str, str] = Field(default_factory=dict)
     device: Literal["auto", "cuda", "cpu"] = "auto"
+    # CUDA serving: letterbox, decode and NMS on the GPU (None: for CUDA variants), the forward from a CUDA graph.
+    device_pipeline: bool | None = None
+    cuda_graphs: bool = True
 
     poll_interval_s: float | None = Field(default=None, gt=0)  # default: what the service says
     poll_jitter: float = Field(default=0.1, ge=0, le=1)  # +- this fraction of the interval

@@ -431,3 +431,25 @@ def test_device_path_on_cuda_finds_the_boxes_of_the_cpu_path(
         found = decode_on_device(raw, conf=0.05)[0]
         ours = Detections(scale_boxes_to_original(found.boxes, info), found.scores, found.class_ids)
         assert all(iou >= 0.99 for iou in _match(_cpu_path(detector, image, 0.05), ours, conf=0.05)), name
+
+
+def test_the_agents_model_detects_through_the_device_pipeline_when_told(
+    trained_bundle: Path, images: dict[str, np.ndarray]
+) -> None:
+    """``load_model`` wires the pipeline in (on CUDA by default; here forced on the CPU): the same boxes as the
+    agent's OpenCV path, answered by the pipeline."""
+    from edge_agent.runtime import ServingOptions, load_model
+    from exporters.bundle import read_manifest
+
+    manifest = read_manifest(trained_bundle)
+    plain = load_model(trained_bundle, manifest, "cpu-fp32", model="m", version="1")
+    assert plain.pipeline is None  # a CPU variant serves through OpenCV unless told otherwise
+    on_device = load_model(trained_bundle, manifest, "cpu-fp32", model="m", version="1",
+                           options=ServingOptions(device_pipeline=True))  # fmt: skip
+    assert on_device.pipeline is not None and not on_device.pipeline.captured
+    matched = 0
+    for image in images.values():
+        ious = _match(plain.detect(image), on_device.detect(image), conf=manifest.thresholds.conf)
+        assert all(iou >= 0.99 for iou in ious)
+        matched += len(ious)
+    assert matched >= 8
