@@ -157,6 +157,8 @@ def _batch_runs_like_singles(batched: DevicePipeline, single: DevicePipeline, im
         print(f"  batch {batched.batch} fails: {' '.join(str(exc).split())[:200]}", flush=True)
         return False
     alone = torch.cat([single.raw([image])[0] for image in chosen]).float()
+    if together.shape != alone.shape:
+        return False
     relative = float((together - alone).abs().max() / alone.abs().max().clamp(min=1e-6))
     return relative <= (1e-2 if single.dtype == torch.float16 else 1e-3)
 

@@ -124,7 +124,10 @@ class DevicePipeline:
             ]
             inputs = [x for x, _ in placed]
             inputs += inputs[-1:] * (self.batch - len(inputs))
-            raw = first_tensor(self.forward(torch.cat(inputs)))[: len(images_bgr)]
+            out = first_tensor(self.forward(torch.cat(inputs)))
+            if out.shape[0] != self.batch:  # a fixed-shape file run at another batch size may answer for fewer
+                raise RuntimeError(f"the model answered {out.shape[0]} images for a batch of {self.batch}")
+            raw = out[: len(images_bgr)]
             if not bool(torch.isfinite(raw).all()):
                 raise ModelOutputError("the model produced NaN or infinite outputs")
         return raw, [info for _, info in placed]
