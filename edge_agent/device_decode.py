@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from exporters.postprocess import CLASS_OFFSET_PX, MAX_NMS_CANDIDATES, Detections, nms
+from exporters.postprocess import CLASS_OFFSET_PX, MAX_NMS_CANDIDATES, Detections, check_thresholds, nms
 
 
 def _no_detections() -> Detections:
@@ -34,12 +34,7 @@ def _no_detections() -> Detections:
 def _check_arguments(raw: torch.Tensor, conf: float, iou: float, max_det: int) -> None:
     if raw.ndim != 3 or raw.shape[1] < 5:
         raise ValueError(f"raw output must have shape (batch, 4 + classes >= 5, anchors), got {tuple(raw.shape)}")
-    if not 0.0 <= conf <= 1.0:
-        raise ValueError(f"conf must be within [0, 1], got {conf}")
-    if not 0.0 <= iou <= 1.0:
-        raise ValueError(f"iou must be within [0, 1], got {iou}")
-    if max_det < 0:
-        raise ValueError(f"max_det must be >= 0, got {max_det}")
+    check_thresholds(conf=conf, iou=iou, max_det=max_det)
 
 
 def _keep_one_image(

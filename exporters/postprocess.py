@@ -163,6 +163,16 @@ def nms(
     return nms_torch(boxes, scores, iou, max_keep=max_keep)
 
 
+def check_thresholds(*, conf: float, iou: float, max_det: int) -> None:
+    """``ValueError`` unless ``conf`` and ``iou`` are within [0, 1] and ``max_det`` is not negative."""
+    if not 0.0 <= conf <= 1.0:
+        raise ValueError(f"conf must be within [0, 1], got {conf}")
+    if not 0.0 <= iou <= 1.0:
+        raise ValueError(f"iou must be within [0, 1], got {iou}")
+    if max_det < 0:
+        raise ValueError(f"max_det must be >= 0, got {max_det}")
+
+
 def _as_float32_tensor(raw: torch.Tensor | np.ndarray) -> torch.Tensor:
     if isinstance(raw, np.ndarray):
         # A read-only array (np.load with mmap, a network buffer) is copied: torch refuses to wrap it silently.
@@ -222,12 +232,7 @@ def decode(
     numpy input are accepted; the work is done in float32 on the tensor's device. Unlike Ultralytics there is no
     wall-clock limit after which later images are left empty.
     """
-    if not 0.0 <= conf <= 1.0:
-        raise ValueError(f"conf must be within [0, 1], got {conf}")
-    if not 0.0 <= iou <= 1.0:
-        raise ValueError(f"iou must be within [0, 1], got {iou}")
-    if max_det < 0:
-        raise ValueError(f"max_det must be >= 0, got {max_det}")
+    check_thresholds(conf=conf, iou=iou, max_det=max_det)
     prediction = _as_float32_tensor(raw)
     use_tv = _resolve_use_torchvision(use_torchvision)
     with torch.no_grad():
