@@ -38,6 +38,9 @@ class OnnxRunner:
         kind = "cuda" if device.startswith("cuda") else "cpu"
         options = onnxruntime.SessionOptions()
         options.log_severity_level = 3  # errors only: its warnings about unused initialisers are noise here
+        # Its worker threads otherwise spin between runs, taking the cores from torch's letterbox and NMS (and
+        # from the model serving beside a validation) on a small device.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = onnxruntime.InferenceSession(str(path), options, providers=ONNX_PROVIDERS[kind])
         except Exception as exc:  # ONNX Runtime raises its own exception types, none of them exported
